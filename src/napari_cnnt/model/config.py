@@ -1,0 +1,183 @@
+"""The architecture of a CNNT denoiser, as one JSON-serialisable object.
+
+A config fully determines the network's modules and so the keys and shapes
+of its state dict: two models built from equal configs can exchange weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+NORM_MODES = ("layer", "batch", "instance", "mixed")
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot describe a working network."""
+
+
+@dataclass(frozen=True)
+class CNNTConfig:
+    """Hyper-parameters of the CNNT denoiser (``cnnt-reference.md`` sections 1-5).
+
+    ``time``, ``height`` and ``width`` describe the patch the model was trained
+    on. Only the ``layer`` norm depends on them (its weights have shape
+    ``[C, H, W]``); the other modes take any size divisible by
+    ``2 ** (levels - 1)`` and use them as the default tile.
+    """
+
+    blocks: tuple[int, ...] = (32, 64, 96)
+    blocks_per_set: int = 4
+    n_head: int = 8
+    kernel_size: int = 3
+    stride: int = 1
+    padding: int = 1
+    dropout_p: float = 0.1
+    norm_mode: str = "instance"
+    with_mixer: bool = True
+    is_causal: bool = False
+    no_residual: bool = False
+    pre_channels: tuple[int, int] = (16, 32)
+    time: int = 16
+    height: int = 128
+    width: int = 128
+
+    def __post_init__(self) -> None:
+        # Accept lists (from JSON) but store tuples, so configs stay hashable.
+        object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+        object.__setattr__(self, "pre_channels", tuple(int(c) for c in self.pre_channels))
+        object.__setattr__(self, "with_mixer", bool(self.with_mixer))
+        object.__setattr__(self, "is_causal", bool(self.is_causal))
+        object.__setattr__(self, "no_residual", bool(self.no_residual))
+        self._validate()
+
+    @property
+    def levels(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def size_multiple(self) -> int:
+        """H and W of every input must be a multiple of this."""
+        return 2 ** (self.levels - 1)
+
+    def norm_modes(self) -> list[str]:
+        """The norm of each block set, in the order down..., up..., final."""
+        n_sets = 2 * self.levels - 1
+        if self.norm_mode != "mixed":
+            return [self.norm_mode] * n_sets
+        return ["instance"] + ["batch"] * (n_sets - 2) + ["instance"]
+
+    def _validate(self) -> None:
+        def fail(msg: str) -> None:
+            raise ConfigError(f"invalid CNNT configuration: {msg}")
+
+        if not 2 <= len(self.blocks) <= 4:
+            fail(f"blocks must list 2 to 4 channel counts, got {list(self.blocks)}")
+        if any(b <= 0 for b in self.blocks):
+            fail(f"channel counts must be positive, got {list(self.blocks)}")
+        if self.n_head <= 0:
+            fail(f"n_head must be positive, got {self.n_head}")
+        for b in self.blocks:
+            if b % self.n_head:
+                fail(f"every channel count must be divisible by n_head={self.n_head}, got {b}")
+        if len(self.pre_channels) != 2 or any(c <= 0 for c in self.pre_channels):
+            fail(f"pre_channels must be two positive channel counts, got {list(self.pre_channels)}")
+        if self.blocks_per_set < 1:
+            fail(f"blocks_per_set must be at least 1, got {self.blocks_per_set}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            fail(f"kernel_size must be odd and positive, got {self.kernel_size}")
+        if self.stride != 1 or self.padding != self.kernel_size // 2:
+            fail(
+                f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding} "
+                "would change the image size, but the residual connections need it unchanged "
+                f"(use stride=1, padding={self.kernel_size // 2})"
+            )
+        if not 0.0 <= self.dropout_p < 1.0:
+            fail(f"dropout_p must be in [0, 1), got {self.dropout_p}")
+        if self.norm_mode not in NORM_MODES:
+            fail(f"norm_mode must be one of {', '.join(NORM_MODES)}, got {self.norm_mode!r}")
+        if self.time < 1:
+            fail(f"time must be at least 1, got {self.time}")
+        m = self.size_multiple
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v < m or v % m:
+                fail(f"{name}={v} must be a positive multiple of {m} for {self.levels} levels")
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["blocks"] = list(self.blocks)
+        d["pre_channels"] = list(self.pre_channels)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CNNTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown CNNT configuration field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> CNNTConfig:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_reference(cls, run: dict[str, Any]) -> CNNTConfig:
+        """Read the model fields of a reference run configuration (its flat JSON).
+
+        Everything that does not shape the network (paths, optimiser, losses,
+        experiment tracking) is ignored.
+        """
+        fields: dict[str, Any] = {}
+        for name in ("blocks", "blocks_per_set", "n_head", "kernel_size", "stride", "padding",
+                     "dropout_p", "norm_mode", "with_mixer", "no_residual", "time"):
+            if name in run and run[name] is not None:
+                fields[name] = run[name]
+        if run.get("is_causal") is not None:
+            fields["is_causal"] = run["is_causal"]
+        for name in ("height", "width"):
+            v = run.get(name)
+            if isinstance(v, (list, tuple)):
+                v = v[0] if v else None
+            if v is not None:
+                fields[name] = v
+        if run.get("use_conv_3D"):
+            raise ConfigError("reference runs with use_conv_3D=true are not supported")
+        for name in ("kernel_size", "stride", "padding"):
+            v = fields.get(name)
+            if isinstance(v, (list, tuple)):
+                if len(set(v)) != 1:
+                    raise ConfigError(f"non-square {name}={list(v)} is not supported")
+                fields[name] = v[0]
+        return cls(**fields)
+
+    def replace(self, **changes: Any) -> CNNTConfig:
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, CNNTConfig] = {
+    # The paper's defaults: 12.3 M parameters.
+    "reference": CNNTConfig(),
+    # Interactive use on a laptop CPU: attention across time at every level,
+    # about 30x less compute per pixel than "reference".
+    "small": CNNTConfig(
+        blocks=(16, 32, 32), blocks_per_set=1, n_head=4, pre_channels=(8, 16), dropout_p=0.0
+    ),
+}
+
+
+def preset(name: str) -> CNNTConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+__all__ = ["CNNTConfig", "ConfigError", "NORM_MODES", "PRESETS", "preset"]
