@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..normalization import Normalization
 from .config import CNNTConfig
 from .layers import CNNTUnet, FrameConv
 
@@ -32,7 +33,7 @@ class CNNTDenoiser(nn.Module):
         self.pre_cnnt = nn.Sequential(FrameConv(1, c1, k, p), FrameConv(c1, c2, k, p))
         self.cnnt = CNNTUnet(self.config, c2, c2)
         self.pos_cnnt = nn.Sequential(FrameConv(c2, c1, k, p), FrameConv(c1, 1, k, p))
-        self.normalization: dict[str, Any] = {"mode": "fixed", "low": 0.0, "high": 65536.0}
+        self.normalization = Normalization()
         self.metadata: dict[str, Any] = {}
 
     def check_input(self, x: torch.Tensor) -> None:

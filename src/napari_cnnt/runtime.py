@@ -1,0 +1,105 @@
+"""Where and how the network runs: device choice and the fast path.
+
+The fast path is bfloat16 autocast with channels-last weights. On CPUs with
+native bf16 instructions (AVX512-BF16 or AMX) oneDNN runs the convolutions
+several times faster than float32; on CUDA it uses the tensor cores. On other
+hardware bf16 would be emulated and slower, so it stays off unless forced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` picks CUDA, then Apple's MPS, then the CPU."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for, but no CUDA GPU is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r} was asked for, but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} was asked for, but MPS is not available")
+    return dev
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("flags"):
+                        flags = set(line.split(":", 1)[1].split())
+                        return bool({"avx512_bf16", "amx_bf16"} & flags)
+        except OSError:
+            return False
+    return False
+
+
+def fast_path_supported(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return False
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A device and whether the bf16 fast path is used on it.
+
+    ``fast=None`` enables the fast path where the hardware supports it.
+    """
+
+    device: torch.device
+    fast: bool
+
+    @classmethod
+    def create(cls, device: str | torch.device | None = "auto", fast: bool | None = None) -> Runtime:
+        dev = resolve_device(device)
+        use_fast = fast_path_supported(dev) if fast is None else bool(fast)
+        return cls(dev, use_fast)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` (in place) to the device, channels-last where it pays off."""
+        model = model.to(self.device)
+        if self.fast or self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self.fast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def predict(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        """Run ``model`` on a ``[B, T, 1, H, W]`` batch; float32 result on the model's device."""
+        with torch.inference_mode(), self.autocast():
+            y = model(batch.to(self.device, non_blocking=True))
+        return y.float()
