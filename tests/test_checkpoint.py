@@ -1,0 +1,155 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import napari_cnnt
+from napari_cnnt import CheckpointError, load_model, save_model
+from napari_cnnt.model import CNNTDenoiser
+from napari_cnnt.normalization import Normalization
+
+
+def _same_outputs(a, b, shape=(1, 4, 1, 16, 16)):
+    x = torch.rand(shape)
+    with torch.no_grad():
+        return torch.equal(a.eval()(x), b.eval()(x))
+
+
+def test_save_load_round_trip(tmp_path, tiny_config):
+    model = CNNTDenoiser(tiny_config.replace(norm_mode="mixed", blocks=(8, 8, 16)))
+    model.normalization = Normalization("percentile", 1.5, 99.5)
+    path = save_model(model, tmp_path / "m.safetensors", base_model="bundled", epochs=3,
+                      metrics={"val_psnr": np.float32(31.5)}, training_data="2 pairs")
+    loaded = load_model(path)
+    assert isinstance(loaded, CNNTDenoiser) and not loaded.training
+    assert loaded.config == model.config
+    assert loaded.normalization == model.normalization
+    assert loaded.metadata["epochs"] == 3
+    assert loaded.metadata["metrics"]["val_psnr"] == pytest.approx(31.5)
+    assert loaded.metadata["base_model"] == "bundled"
+    assert loaded.metadata["napari_cnnt_version"] == napari_cnnt.__version__
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    assert _same_outputs(model, loaded)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary left
+
+
+def test_save_is_atomic(tmp_path, tiny_config, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    save_model(CNNTDenoiser(tiny_config), path, epochs=1)
+    before = path.read_bytes()
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(CNNTDenoiser(tiny_config), path, epochs=2)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_reference_checkpoint_with_config_argument(fixtures_dir, tmp_path):
+    pt = tmp_path / "weights.pt"
+    shutil.copy(fixtures_dir / "seedfmt_default.pt", pt)
+    with pytest.raises(CheckpointError, match="weights.json"):
+        load_model(pt)
+    run = json.loads((fixtures_dir / "seedfmt_default.json").read_text())
+    a = load_model(pt, config=run)
+    b = load_model(pt, config=fixtures_dir / "seedfmt_default.json")
+    assert a.normalization == Normalization("fixed", 0, 65536)
+    assert _same_outputs(a, b, (1, 2, 1, 32, 32))
+    # re-saved in napari-cnnt's format it gives the same numbers, without the mask buffers
+    out = save_model(a, tmp_path / "converted.safetensors")
+    c = load_model(out)
+    assert not any(k.endswith("attn.mask") for k in c.state_dict())
+    assert _same_outputs(a, c, (1, 2, 1, 32, 32))
+    assert out.stat().st_size < 0.95 * pt.stat().st_size
+
+
+def test_reference_checkpoint_with_wrong_architecture(fixtures_dir, tmp_path):
+    run = json.loads((fixtures_dir / "seedfmt_default.json").read_text())
+    run["blocks_per_set"] = 2
+    with pytest.raises(CheckpointError, match="unexpected"):
+        load_model(fixtures_dir / "seedfmt_default.pt", config=run)
+    run["blocks_per_set"] = 4
+    run["blocks"] = [32, 64, 128]
+    with pytest.raises(CheckpointError, match="shape"):
+        load_model(fixtures_dir / "seedfmt_default.pt", config=run)
+
+
+def test_bundled_model_missing_is_explained(monkeypatch, tmp_path):
+    from napari_cnnt.model import checkpoint
+
+    monkeypatch.setattr(checkpoint, "BUNDLED_WEIGHTS", tmp_path / "nothing.safetensors")
+    with pytest.raises(CheckpointError, match="no bundled model weights"):
+        load_model()
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.99])
+def test_truncated_native_file(tmp_path, tiny_config, cut):
+    path = save_model(CNNTDenoiser(tiny_config), tmp_path / "m.safetensors")
+    data = path.read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors.*truncated"):
+        load_model(bad)
+
+
+def test_truncated_reference_file(fixtures_dir, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes((fixtures_dir / "seedfmt_default.pt").read_bytes()[:1_000_000])
+    shutil.copy(fixtures_dir / "seedfmt_default.json", tmp_path / "bad.json")
+    with pytest.raises(CheckpointError, match=r"bad\.pt.*(truncated|corrupted)"):
+        load_model(bad)
+
+
+def test_foreign_files(tmp_path):
+    junk = tmp_path / "random.pt"
+    junk.write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(CheckpointError, match=r"random\.pt.*not a CNNT model file"):
+        load_model(junk)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.safetensors"):
+        load_model(empty)
+    with pytest.raises(CheckpointError, match="no such model file"):
+        load_model(tmp_path / "missing.safetensors")
+    # a valid safetensors file that is not a napari-cnnt model
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="not a napari-cnnt model"):
+        load_model(tmp_path / "other.safetensors")
+    # a torch file holding something other than a state dict
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    (tmp_path / "list.json").write_text(json.dumps({"blocks": [8, 8]}))
+    with pytest.raises(CheckpointError, match="not a state dict"):
+        load_model(tmp_path / "list.pt")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("executed",))
+
+
+def test_pickled_code_is_never_executed(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"x": _Payload()}, path)
+    (tmp_path / "evil.json").write_text(json.dumps({"blocks": [8, 8]}))
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_model(path)
+    assert "executed" not in capsys.readouterr().out
+
+
+def test_newer_format_version_is_refused(tmp_path, tiny_config):
+    from safetensors.torch import save_file
+
+    model = CNNTDenoiser(tiny_config)
+    meta = {"format": "napari-cnnt", "format_version": "99", "config": tiny_config.to_json(),
+            "normalization": json.dumps(model.normalization.to_dict())}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "new.safetensors"), meta)
+    with pytest.raises(CheckpointError, match="version '99'"):
+        load_model(tmp_path / "new.safetensors")
