@@ -308,7 +308,8 @@ def write_training_pairs(
     if not pairs:
         raise ImageFileError(f"{path}: no training pairs to write")
     if names is None:
-        names = [f"sample_{i:03d}" for i in range(len(pairs))]
+        width = max(3, len(str(len(pairs) - 1)))
+        names = [f"sample_{i:0{width}d}" for i in range(len(pairs))]
     names = [str(n).strip("/") for n in names]
     if len(names) != len(pairs) or len(set(names)) != len(names):
         raise ImageFileError(f"{path}: need one distinct name per pair, got {len(names)} for {len(pairs)} pairs")

@@ -4,11 +4,29 @@ pair of layers to a CNNT training file (the data fine-tuning reads).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from ..io import Image, ImageFileError, default_axes, hdf5, normalize_unit, tiff
 
 LayerData = tuple[Any, dict, str]
+
+
+class LayerWriteError(RuntimeError):
+    """Why layers could not be saved.
+
+    Not a ValueError: napari takes a ValueError from a writer to mean "no
+    writer found" and drops the message.
+    """
+
+
+@contextlib.contextmanager
+def _reporting() -> Iterator[None]:
+    try:
+        yield
+    except ValueError as e:
+        raise LayerWriteError(str(e)) from e
 
 
 def _axes(data: Any, meta: dict) -> str:
@@ -17,7 +35,7 @@ def _axes(data: Any, meta: dict) -> str:
     labels = [str(a).upper() for a in meta.get("axis_labels") or ()]
     axes = "".join(labels)
     if len(labels) != ndim or len(axes) != ndim or len(set(axes)) != ndim or not axes.isalpha():
-        axes = str((meta.get("metadata") or {}).get("axes", "")).replace("S", "").replace("C", "")
+        axes = str((meta.get("metadata") or {}).get("axes", ""))
         if len(axes) != ndim:
             axes = default_axes(ndim)
     return axes + ("S" if meta.get("rgb") else "")
@@ -39,17 +57,19 @@ def layer_image(data: Any, meta: dict) -> Image:
 
 
 def write_tiff(path: str, data: Any, meta: dict) -> list[str]:
-    im = layer_image(data, meta)
-    tiff.write_tiff(path, im.data, axes=im.axes, scale=im.scale, unit=im.unit)
+    with _reporting():
+        im = layer_image(data, meta)
+        tiff.write_tiff(path, im.data, axes=im.axes, scale=im.scale, unit=im.unit)
     return [path]
 
 
 def write_hdf5(path: str, layer_data: list[LayerData]) -> list[str]:
     """One dataset per layer, named after the layer (``a/b`` makes a group ``a``)."""
-    images = [layer_image(data, meta) for data, meta, _ in layer_data]
-    for im in images:
-        im.name = "/".join(part for part in im.name.split("/") if part) or "image"
-    hdf5.write_images_hdf5(path, images)
+    with _reporting():
+        images = [layer_image(data, meta) for data, meta, _ in layer_data]
+        for im in images:
+            im.name = "/".join(part for part in im.name.split("/") if part) or "image"
+        hdf5.write_images_hdf5(path, images)
     return [path]
 
 
@@ -87,6 +107,7 @@ def training_pairs(layer_data: list[LayerData]) -> tuple[list[tuple[Any, Any]], 
 
 
 def write_training_pairs(path: str, layer_data: list[LayerData]) -> list[str]:
-    pairs, names = training_pairs(layer_data)
-    hdf5.write_training_pairs(path, pairs, names)
+    with _reporting():
+        pairs, names = training_pairs(layer_data)
+        hdf5.write_training_pairs(path, pairs, names)
     return [path]
