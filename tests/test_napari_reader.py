@@ -76,7 +76,8 @@ def test_plain_multipage_and_bigtiff_open_as_time_lapses(make_napari_viewer, tmp
 
 def test_hdf5_from_an_instrument_opens_every_image_dataset(make_napari_viewer, tmp_path):
     path = tmp_path / "acq.hdf5"
-    t_stack, plane, five = _stack((4, 24, 20), np.uint16), _stack((24, 20), np.float32), _stack((2, 2, 3, 8, 9), np.uint8)
+    t_stack, plane = _stack((4, 24, 20), np.uint16), _stack((24, 20), np.float32)
+    five = _stack((2, 2, 3, 8, 9), np.uint8)
     with h5py.File(path, "w") as f:
         f.create_dataset("exp/ch0/stack", data=t_stack, chunks=(1, 24, 20), compression="gzip")
         f["exp/ch0/stack"].attrs["element_size_um"] = [5.0, 0.2, 0.2]
