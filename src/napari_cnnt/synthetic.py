@@ -164,7 +164,8 @@ def simulate(
     if peak > 0:
         signal *= peak_photons / peak
     photons = np.clip(signal, 0, None) + np.float32(background_photons)
-    electrons = rng.poisson(qe * photons).astype(np.float32) + rng.normal(0, read_noise, photons.shape).astype(np.float32)
+    electrons = rng.poisson(qe * photons).astype(np.float32)
+    electrons += rng.normal(0, read_noise, photons.shape).astype(np.float32)
     top = 2**bit_depth - 1
     noisy = np.clip(np.rint(gain * electrons + offset), 0, top).astype(np.uint16)
     clean = (gain * qe * photons + offset).astype(np.float32)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 # Arrays larger than this many bytes are returned lazily (backed by the file).
 LAZY_BYTES = 256 * 2**20
 
@@ -54,14 +56,12 @@ class Image:
     @property
     def is_lazy(self) -> bool:
         """True when ``data`` is read from the file on access rather than held in memory."""
-        import numpy as np
-
         return not isinstance(self.data, np.ndarray) or isinstance(self.data, np.memmap)
 
 
 def default_axes(ndim: int) -> str:
     """Axes assumed when a file names none: a 3-D stack is a time-lapse (CNNT's ``[T, H, W]``)."""
-    return {2: "YX", 3: "TYX", 4: "TZYX", 5: "TZCYX"}.get(ndim, "Q" * (ndim - 5) + "TZCYX")
+    return {1: "X", 2: "YX", 3: "TYX", 4: "TZYX", 5: "TZCYX"}.get(ndim, "Q" * (ndim - 5) + "TZCYX")
 
 
 def normalize_unit(unit: Any) -> str | None:

@@ -18,7 +18,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import LAZY_BYTES, Image, ImageFileError, atomic_output, default_axes, normalize_unit
+from .. import io as cnnt_io
+from . import Image, ImageFileError, atomic_output, default_axes, normalize_unit
 
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
 NOISY, CLEAN = "noisy_im", "clean_im"
@@ -157,7 +158,7 @@ def _image(ds: h5py.Dataset, key: str, lazy_bytes: int | None, path: Any) -> Ima
     if len(parts) == 2 and parts[1] in (NOISY, CLEAN):
         metadata["sample"] = parts[0]
         metadata["role"] = "noisy" if parts[1] == NOISY else "clean"
-    threshold = LAZY_BYTES if lazy_bytes is None else lazy_bytes
+    threshold = cnnt_io.LAZY_BYTES if lazy_bytes is None else lazy_bytes
     if ds.size * ds.dtype.itemsize > threshold:
         data: Any = ds
     else:
@@ -307,7 +308,8 @@ def write_training_pairs(
     if not pairs:
         raise ImageFileError(f"{path}: no training pairs to write")
     if names is None:
-        names = [f"sample_{i:03d}" for i in range(len(pairs))]
+        width = max(3, len(str(len(pairs) - 1)))
+        names = [f"sample_{i:0{width}d}" for i in range(len(pairs))]
     names = [str(n).strip("/") for n in names]
     if len(names) != len(pairs) or len(set(names)) != len(names):
         raise ImageFileError(f"{path}: need one distinct name per pair, got {len(names)} for {len(pairs)} pairs")

@@ -8,6 +8,7 @@ otherwise as a zarr view of the file that decodes on access).
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import zlib
@@ -18,7 +19,8 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from . import LAZY_BYTES, Image, ImageFileError, atomic_output, default_axes, normalize_unit
+from .. import io as cnnt_io
+from . import Image, ImageFileError, atomic_output, default_axes, normalize_unit
 
 MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 IMAGEJ_DTYPES = (np.uint8, np.uint16, np.float32)
@@ -163,6 +165,35 @@ def _lazy(path: Path, tif: tifffile.TiffFile, series: tifffile.TiffPageSeries, i
     return zarr.open(series.aszarr(level=0), mode="r")
 
 
+class _DamageLog(logging.Handler):
+    """Collects what tifffile logs (instead of raising) when a file ends too early."""
+
+    SIGNS = ("invalid page offset", "invalid value offset", "corrupted file")
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if any(sign in message for sign in self.SIGNS):
+            self.messages.append(message)
+
+
+def _check_complete(path: Path, series: tifffile.TiffPageSeries) -> None:
+    """The pixels of the first and last planes must lie inside the file."""
+    size = path.stat().st_size
+    ends = []
+    if series.dataoffset is not None:
+        ends.append(series.dataoffset + series.nbytes)
+    for page in (series.pages[0], series.pages[-1]) if len(series.pages) else ():
+        if page is not None and page.dataoffsets:
+            ends.append(max(o + n for o, n in zip(page.dataoffsets, page.databytecounts)))
+    if ends and max(ends) > size:
+        raise ImageFileError(f"{path}: TIFF file is truncated (image data ends at byte {max(ends)}, "
+                             f"the file has {size} bytes)")
+
+
 def read_tiff(path: str | os.PathLike, lazy_bytes: int | None = None) -> list[Image]:
     """One :class:`Image` per image series (usually one); series over ``lazy_bytes``
     (default :data:`~napari_cnnt.io.LAZY_BYTES`) stay on disk and are read on access.
@@ -172,20 +203,28 @@ def read_tiff(path: str | os.PathLike, lazy_bytes: int | None = None) -> list[Im
         raise ImageFileError(f"{path}: no such file")
     if not is_tiff(path):
         raise ImageFileError(f"{path}: not a TIFF file (no TIFF header)")
-    threshold = LAZY_BYTES if lazy_bytes is None else lazy_bytes
+    threshold = cnnt_io.LAZY_BYTES if lazy_bytes is None else lazy_bytes
+    damage = _DamageLog()
+    tifffile_log = logging.getLogger("tifffile")
+    tifffile_log.addHandler(damage)
     try:
         tif = tifffile.TiffFile(path)
+        all_series = [s for s in tif.series if len(s.shape) >= 2 and 0 not in s.shape]
     except _READ_ERRORS as e:
         raise ImageFileError(f"{path}: TIFF file is truncated or corrupt ({e})") from None
+    finally:
+        tifffile_log.removeHandler(damage)
     images: list[Image] = []
     keep_open = False
     try:
-        all_series = [s for s in tif.series if len(s.shape) >= 2 and 0 not in s.shape]
+        if damage.messages:
+            raise ImageFileError(f"{path}: TIFF file is truncated or corrupt ({damage.messages[0]})")
         if not all_series:
             raise ImageFileError(f"{path}: TIFF file holds no readable image")
         for index, series in enumerate(tif.series):
             if series not in all_series:
                 continue
+            _check_complete(path, series)
             axes = _axes(series)
             scale, unit, meta = _scale(tif, series, index, axes)
             data = None
