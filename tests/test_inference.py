@@ -25,17 +25,10 @@ FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 if not FIXTURES.is_dir():
     FIXTURES = Path("/work/shared/fixtures")
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY = CNNTConfig(blocks=(8, 8), blocks_per_set=1, n_head=2, pre_channels=(4, 8), time=4, height=16, width=16)
 EXACT = Runtime.create("cpu", fast=False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run many tiny parallel regions, which crawl when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(config: CNNTConfig = TINY, seed: int = 0) -> CNNTDenoiser:
