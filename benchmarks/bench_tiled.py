@@ -237,7 +237,7 @@ def main() -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--tile", type=int, nargs=3, default=(16, 128, 128))
     p.add_argument("--overlap", type=int, nargs=3, default=(4, 32, 32))
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default="auto")
     p.add_argument("--exact", action="store_true", help="float32 everywhere instead of the bf16 fast path")
     p.add_argument("--grow", type=int, nargs="+", default=(64, 128, 256), help="stack lengths for part 2")
