@@ -90,6 +90,8 @@ def worker(spec: dict) -> dict:
     from napari_cnnt.model import CNNTDenoiser, preset
     from napari_cnnt.runtime import Runtime
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     config = preset(spec["preset"])
     if spec.get("tiny"):
@@ -239,6 +241,8 @@ def main() -> None:
     p.add_argument("--overlap", type=int, nargs=3, default=(4, 32, 32))
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int,
+                   help="torch threads (default: torch's choice); 1 is steadier on a shared machine")
     p.add_argument("--exact", action="store_true", help="float32 everywhere instead of the bf16 fast path")
     p.add_argument("--grow", type=int, nargs="+", default=(64, 128, 256), help="stack lengths for part 2")
     p.add_argument("--grow-size", type=int, default=512)
@@ -260,8 +264,10 @@ def main() -> None:
 
     runtime = Runtime.create(args.device, fast=False if args.exact else None)
     common = {"preset": args.preset, "tile": list(args.tile), "overlap": list(args.overlap),
-              "batch_size": args.batch_size, "device": str(runtime.device), "fast": runtime.fast}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+              "batch_size": args.batch_size, "device": str(runtime.device), "fast": runtime.fast,
+              "threads": args.threads}
+    print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} before the run")
     with tempfile.TemporaryDirectory(prefix="bench_tiled_") as tmp:
         if "1" not in args.skip:
             part1(args, common, Path(tmp))
