@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import os
 import threading
@@ -279,6 +280,24 @@ def test_each_time_window_is_read_once():
     np.testing.assert_allclose(y, pointwise(image), atol=1e-6)
     assert len(source.reads) == len(plan.axes[0].starts) < len(plan)
     assert all(shape == (4, 40, 36) for shape in source.reads)
+
+
+def test_reading_ahead_in_a_thread_gives_the_same_result(monkeypatch):
+    image = rng_stack((9, 40, 36), seed=12)
+    model = tiny_model()
+    inline = denoise(image, model, batch_size=3, device=EXACT)
+    threads = []
+
+    def thread_pool(device):
+        threads.append(device)
+        return concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+    monkeypatch.setattr(inference, "_reader", thread_pool)
+    np.testing.assert_array_equal(denoise(image, model, batch_size=3, device=EXACT), inline)
+    image[7, 3, 4] = np.nan
+    with pytest.raises(ValueError, match="first at frame 7, row 3, column 4"):
+        denoise(image, model, batch_size=3, device=EXACT)
+    assert len(threads) == 2
 
 
 def test_integer_out_is_rounded_and_clipped():

@@ -1,15 +1,16 @@
 """Whole-stack denoising: cut a stack into overlapping tiles, run the network, blend.
 
 For each ``[T, H, W]`` stack: the normalisation limits are computed once over
-the whole stack; a :class:`TilePlan` says where the tiles lie; batches of tiles
-are read lazily from the input (the next batch while the network runs the
-current one) and normalised; every prediction is weighted by :func:`ramp`
-along each axis and added to a :class:`Blender` that holds one time window of
-the output; frames that no later tile touches leave it divided by the summed
-weights, in the input's intensity units, and are written to the output.
+the whole stack; a :class:`TilePlan` says where the tiles lie; batches of
+tiles are read lazily from the input, one time window of frames at a time (on
+a GPU, the next batch while the network runs the current one), and
+normalised; every prediction is weighted by :func:`ramp` along each axis and
+added to a :class:`Blender` that holds one time window of the output; frames
+that no later tile touches leave it divided by the summed weights, in the
+input's intensity units, and are written to the output.
 
-Extra memory is therefore the output, one time window of frames and the
-tiles in flight, however long the stack is.
+Extra memory is therefore the output, one time window of the output and of
+the input, and the tiles in flight, however long the stack is.
 """
 
 from __future__ import annotations
@@ -176,7 +177,8 @@ class Blender:
 
     Tiles must arrive in time-major order (``TilePlan.starts``): once a tile
     starts at a later frame, every frame before it is complete, is divided
-    by the summed weights and handed to ``emit(first_frame, frames)``. Since
+    by the summed weights and handed to ``emit(first_frame, frames)`` (a view
+    of the window, which ``emit`` may change in place). Since
     the tiles form a grid, the summed weight is the product of per-axis sums
     and never needs a full-size array.
     """
@@ -590,7 +592,7 @@ def denoise(
             progress(done, total)
 
     net = runtime.prepare(copy.deepcopy(net).eval())
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
+    with _reader(runtime.device) as reader, torch.inference_mode():
         for lead in leads:
             source = _Stack(data, lead, t_axis)
             target = _Stack(result, lead, t_axis)
@@ -611,11 +613,11 @@ def _denoise_stack(
     cancelled: Callable[[], bool],
     after_batch: Callable[[int], None],
 ) -> None:
-    """Run every tile of one stack, reading the next batch while the network runs."""
+    """Run every tile of one stack; ``reader`` reads the next batch while the network runs this one."""
     lo, hi = limits
 
     def emit(first: int, frames: torch.Tensor) -> None:
-        frames = (frames * (hi - lo) + lo).cpu().numpy()
+        frames = frames.mul_(hi - lo).add_(lo).cpu().numpy()
         target[first:first + len(frames)] = _storable(frames, target.dtype)
 
     blender = Blender(plan, runtime.device, emit)
@@ -630,11 +632,31 @@ def _denoise_stack(
         x = pending.result()
         if i + 1 < len(batches):
             pending = reader.submit(_read_batch, tiles, plan, batches[i + 1], lo, hi)
-        y = runtime.predict(net, torch.from_numpy(x))[:, :, 0] * weight
+        y = runtime.predict(net, torch.from_numpy(x))[:, :, 0].mul_(weight)
         for start, pred in zip(batch, y):
             blender.add(start, pred)
         after_batch(len(batch))
     blender.finish()
+
+
+def _reader(device: torch.device) -> concurrent.futures.Executor:
+    """One thread reading ahead for an accelerator; none for a CPU network,
+    which already uses every core and would only be slowed down by it."""
+    if device.type == "cpu":
+        return _Inline()
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+
+class _Inline(concurrent.futures.Executor):
+    """An executor that runs each task at once, in the calling thread."""
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # handed to whoever asks for the result, as a thread pool would
+            future.set_exception(e)
+        return future
 
 
 def _read_batch(
