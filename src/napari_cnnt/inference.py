@@ -654,7 +654,7 @@ class _Inline(concurrent.futures.Executor):
         future: concurrent.futures.Future = concurrent.futures.Future()
         try:
             future.set_result(fn(*args, **kwargs))
-        except BaseException as e:  # handed to whoever asks for the result, as a thread pool would
+        except Exception as e:  # handed to whoever asks for the result, as a thread pool would
             future.set_exception(e)
         return future
 
