@@ -28,3 +28,16 @@ def tiny_config() -> CNNTConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run many tiny parallel regions, which crawl when other jobs share the cores.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

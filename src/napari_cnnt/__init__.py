@@ -29,6 +29,8 @@ _LAZY = {
     "ConfigError": "napari_cnnt.model.config",
     "PRESETS": "napari_cnnt.model.config",
     "CNNTDenoiser": "napari_cnnt.model.denoiser",
+    "denoise": "napari_cnnt.inference",
+    "Cancelled": "napari_cnnt.inference",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -36,6 +38,7 @@ __all__ = sorted(_LAZY) + ["__version__"]
 if TYPE_CHECKING:
     from .model.checkpoint import CheckpointError, load_model, save_model
     from .model.config import PRESETS, CNNTConfig, ConfigError
+    from .inference import Cancelled, denoise
     from .model.denoiser import CNNTDenoiser
 
 
