@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
-import os
 import threading
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -21,10 +19,6 @@ from napari_cnnt.inference import AxisLayout, Cancelled, TilePlan, denoise, ramp
 from napari_cnnt.model import CNNTConfig, CNNTDenoiser
 from napari_cnnt.normalization import Normalization
 from napari_cnnt.runtime import Runtime
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-if not FIXTURES.is_dir():
-    FIXTURES = Path("/work/shared/fixtures")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -153,13 +147,10 @@ def test_one_tile_over_the_whole_stack_is_the_plain_network():
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-@pytest.mark.skipif(
-    os.environ.get("NAPARI_CNNT_SLOW_TESTS") != "1",
-    reason="runs the 12 M-parameter reference model over 64 tiles, minutes on a CPU; set NAPARI_CNNT_SLOW_TESTS=1",
-)
-def test_reference_layout_matches_the_reference_fixture():
-    model = napari_cnnt.load_model(FIXTURES / "seedfmt_default.pt")
-    fixture = np.load(FIXTURES / "seedfmt_default_tiled_io.npz")
+def test_reference_layout_matches_the_reference_fixture(fixtures_dir):
+    """The 12 M-parameter reference model over 64 tiles: the slowest test (minutes on 2 cores)."""
+    model = napari_cnnt.load_model(fixtures_dir / "seedfmt_default.pt")
+    fixture = np.load(fixtures_dir / "seedfmt_default_tiled_io.npz")
     got = denoise(fixture["image"], model, tile=(8, 64, 64), overlap=(2, 16, 16), batch_size=4,
                   layout="reference", normalization="none", device="cpu")
     np.testing.assert_allclose(got, fixture["output"], atol=1e-5, rtol=0)
