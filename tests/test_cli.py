@@ -170,3 +170,27 @@ def test_no_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 2
+
+
+def test_demo_reports_psnr_of_the_sample(tmp_path, capsys, model, model_file):
+    from napari_cnnt.cli import psnr_db
+    from napari_cnnt.synthetic import sample_recording
+
+    out = tmp_path / "denoised.tif"
+    code = main(["demo", "--model", str(model_file), "-o", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    noisy, clean = sample_recording()
+    result = tiff.read_tiff(out)[0].data
+    np.testing.assert_allclose(result, denoise(noisy, model), rtol=1e-5, atol=1e-2)
+    expected_line = f"PSNR {psnr_db(noisy, clean):.2f} dB noisy -> {psnr_db(result, clean):.2f} dB denoised"
+    assert expected_line in stdout
+
+
+def test_demo_without_bundled_model_says_so(capsys, monkeypatch, tmp_path):
+    from napari_cnnt.model import checkpoint
+
+    monkeypatch.setattr(checkpoint, "BUNDLED_WEIGHTS", tmp_path / "absent.safetensors")
+    code, stderr = run(capsys, "demo")
+    assert code == 1
+    assert "no bundled model" in stderr and "--model" in stderr

@@ -218,6 +218,14 @@ def simulate(
     return noisy, clean
 
 
+SAMPLE_SHAPE = (32, 256, 256)
+
+
+def sample_recording() -> tuple[np.ndarray, np.ndarray]:
+    """The plugin's sample data: a dim live-cell recording and its clean truth."""
+    return simulate(SAMPLE_SHAPE, seed=0)
+
+
 def random_conditions(rng: np.random.Generator) -> dict[str, float]:
     """Acquisition settings drawn over the range of real live-cell recordings.
 
@@ -254,5 +262,5 @@ def random_recording(
     return noisy, clean, settings
 
 
-__all__ = ["STRUCTURES", "simulate", "random_conditions", "random_recording",
+__all__ = ["STRUCTURES", "SAMPLE_SHAPE", "simulate", "sample_recording", "random_conditions", "random_recording",
            "nucleus", "filaments", "puncta", "membranes"]

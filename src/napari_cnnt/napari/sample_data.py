@@ -10,17 +10,15 @@ import functools
 
 import numpy as np
 
-from ..synthetic import simulate
+from ..synthetic import sample_recording
 
-SHAPE = (32, 256, 256)
-SEED = 0
 PIXEL_UM = 0.1
 FRAME_S = 1.0
 
 
 @functools.lru_cache(maxsize=1)
 def _simulated() -> tuple[np.ndarray, np.ndarray]:
-    return simulate(SHAPE, seed=SEED)
+    return sample_recording()
 
 
 def _stacks() -> tuple[np.ndarray, np.ndarray]:
