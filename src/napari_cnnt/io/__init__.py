@@ -1,0 +1,141 @@
+"""Reading and writing image stacks (HDF5, TIFF) without napari.
+
+Readers return :class:`Image` records: the pixel data (a numpy array, or a
+lazy array backed by the open file when the data is large), the axis letters
+and the physical pixel size per axis. Writers never modify a file in place:
+they write a temporary file beside the target and rename it over the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Arrays larger than this many bytes are returned lazily (backed by the file).
+LAZY_BYTES = 256 * 2**20
+
+
+class ImageFileError(ValueError):
+    """A file that cannot be read or written, with the file and the reason in the message."""
+
+
+@dataclass
+class Image:
+    """One image stack read from a file.
+
+    ``axes`` has one letter per dimension of ``data``: ``T`` time, ``Z``,
+    ``C`` channel, ``Y``, ``X``, ``S`` colour samples, other letters as found.
+    ``scale`` is the size of one step along each axis, in ``unit`` for the
+    spatial axes (``metadata["time_unit"]`` for ``T`` when known).
+    """
+
+    data: Any
+    name: str
+    axes: str
+    scale: tuple[float, ...] = ()
+    unit: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        ndim = len(self.data.shape)
+        if len(self.axes) != ndim:
+            raise ValueError(f"{self.name}: axes {self.axes!r} do not match the {ndim}-D data")
+        if not self.scale:
+            self.scale = (1.0,) * ndim
+        self.scale = tuple(float(s) for s in self.scale)
+        if len(self.scale) != ndim:
+            raise ValueError(f"{self.name}: scale {self.scale} does not match the {ndim}-D data")
+
+    @property
+    def is_lazy(self) -> bool:
+        """True when ``data`` is read from the file on access rather than held in memory."""
+        return not isinstance(self.data, np.ndarray) or isinstance(self.data, np.memmap)
+
+
+def default_axes(ndim: int) -> str:
+    """Axes assumed when a file names none: a 3-D stack is a time-lapse (CNNT's ``[T, H, W]``)."""
+    return {1: "X", 2: "YX", 3: "TYX", 4: "TZYX", 5: "TZCYX"}.get(ndim, "Q" * (ndim - 5) + "TZCYX")
+
+
+def normalize_unit(unit: Any) -> str | None:
+    """Spelling-independent length unit (``micron``, ``\\u00B5m`` -> ``um``); None for pixels."""
+    if unit is None:
+        return None
+    if isinstance(unit, bytes):
+        unit = unit.decode("utf-8", "replace")
+    u = str(unit).strip().replace("\\u00B5", "\u00b5").replace("\\u00b5", "\u00b5")
+    low = u.lower()
+    if low in ("", "pixel", "pixels", "px", "none"):
+        return None
+    if low in ("micron", "microns", "um", "\u00b5m", "\u03bcm", "micrometer", "micrometre"):
+        return "um"
+    if low in ("nanometer", "nanometre", "nm"):
+        return "nm"
+    if low in ("millimeter", "millimetre", "mm"):
+        return "mm"
+    return u
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def source_files(data: Any) -> set[str]:
+    """The files a lazy array reads from (h5py datasets, memory maps, dask graphs over them)."""
+    found: set[str] = set()
+    items = [data]
+    dask_graph = getattr(data, "dask", None)
+    if dask_graph is not None:
+        with contextlib.suppress(Exception):
+            items.extend(dict(dask_graph).values())
+    for item in items:
+        file = getattr(item, "file", None)
+        name = getattr(file, "filename", None) or getattr(item, "filename", None)
+        if isinstance(name, (str, os.PathLike)):
+            found.add(os.fspath(name))
+    return found
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *sources: Any) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` only on success.
+
+    Refuses to replace a file that one of ``sources`` is being read from.
+    """
+    path = Path(path)
+    for src in sources:
+        for name in source_files(src):
+            if same_file(name, path):
+                raise ImageFileError(f"{path}: refusing to overwrite the file the data is read from")
+    if path.is_dir():
+        raise ImageFileError(f"{path}: is a folder, not a file name")
+    if not path.parent.is_dir():
+        raise ImageFileError(f"{path}: the folder {path.parent} does not exist")
+    # A fresh name (not mkstemp) so that the file gets the usual permissions.
+    tmp_path = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+
+
+__all__ = [
+    "LAZY_BYTES",
+    "Image",
+    "ImageFileError",
+    "atomic_output",
+    "default_axes",
+    "normalize_unit",
+]

@@ -1,0 +1,342 @@
+"""HDF5 files: any image datasets, and CNNT's training layout.
+
+The training layout (the reference implementation's): one group per sample,
+each holding ``noisy_im`` and ``clean_im`` arrays ``[T, H, W]`` or ``[H, W]``.
+
+Pixel sizes are read from the attributes instruments and Fiji write
+(``element_size_um`` and similar), axes from ``axes``, ilastik's
+``axistags`` or HDF5 dimension labels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .. import io as cnnt_io
+from . import Image, ImageFileError, atomic_output, default_axes, normalize_unit
+
+SIGNATURE = b"\x89HDF\r\n\x1a\n"
+NOISY, CLEAN = "noisy_im", "clean_im"
+
+# Attributes giving the size of one element per axis; the ``_um`` ones (and
+# ``element_size``, by Fiji's convention) are in micrometres unless a unit
+# attribute says otherwise.
+_SCALE_ATTRS = ("element_size_um", "element_size", "voxel_size_um", "voxel_size", "pixel_size_um",
+                "pixel_size", "spacing", "scale")
+_UNIT_ATTRS = ("unit", "units", "element_size_unit")
+
+
+def is_hdf5(path: str | os.PathLike) -> bool:
+    """True when the file starts with the HDF5 signature (also after a user block)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            offset = 0
+            while offset + len(SIGNATURE) <= size:
+                f.seek(offset)
+                if f.read(len(SIGNATURE)) == SIGNATURE:
+                    return True
+                offset = 512 if offset == 0 else offset * 2
+    except OSError:
+        return False
+    return False
+
+
+def open_file(path: str | os.PathLike) -> h5py.File:
+    """Open for reading, with a message that names the file and the problem."""
+    if not os.path.isfile(path):
+        raise ImageFileError(f"{path}: no such file")
+    if not is_hdf5(path):
+        raise ImageFileError(f"{path}: not an HDF5 file (no HDF5 signature)")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        problem = "truncated" if "truncated" in str(e) else "corrupt or unreadable"
+        raise ImageFileError(f"{path}: HDF5 file is {problem} ({e})") from None
+
+
+def _is_image(obj: Any) -> bool:
+    """Numeric, at least 2-D, and at least two axes longer than 3 (not a table of rows)."""
+    if not isinstance(obj, h5py.Dataset) or obj.dtype.kind not in "biuf" or obj.ndim < 2:
+        return False
+    return sum(n > 3 for n in obj.shape) >= 2
+
+
+def _walk(group: h5py.Group, prefix: str = "") -> Iterator[tuple[str, h5py.Dataset]]:
+    """Image datasets in file order, a sample's ``noisy_im`` before its ``clean_im``."""
+    names = list(group.keys())
+    if NOISY in names and CLEAN in names:
+        names.remove(NOISY)
+        names.insert(names.index(CLEAN), NOISY)
+    for name in names:
+        try:
+            obj = group[name]
+        except (KeyError, OSError):  # dangling or external link
+            continue
+        if isinstance(obj, h5py.Group):
+            yield from _walk(obj, f"{prefix}{name}/")
+        elif _is_image(obj):
+            yield f"{prefix}{name}", obj
+
+
+def list_image_datasets(path: str | os.PathLike) -> list[str]:
+    """Paths of the image-like datasets, in the order :func:`read_hdf5` returns them."""
+    with open_file(path) as f:
+        return [key for key, _ in _walk(f)]
+
+
+def _attr(ds: h5py.Dataset, names: Sequence[str]) -> tuple[str | None, Any]:
+    """The first of ``names`` set on the dataset, else on its group."""
+    for obj in (ds, ds.parent):
+        for name in names:
+            if name in obj.attrs:
+                return name, obj.attrs[name]
+    return None, None
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray) and value.size == 1:
+        return _text(value.reshape(()).item())
+    return str(value)
+
+
+def _axes(ds: h5py.Dataset) -> str:
+    _, value = _attr(ds, ("axes", "axis_labels", "dimension_order", "DimensionOrder"))
+    if value is not None:
+        if isinstance(value, np.ndarray) and value.size == ds.ndim:
+            axes = "".join(_text(v)[:1] for v in value.ravel())
+        else:
+            axes = _text(value)
+        axes = axes.upper()
+        if len(axes) == ds.ndim and len(set(axes)) == ds.ndim:
+            return axes
+    if "axistags" in ds.attrs:  # ilastik / vigra
+        try:
+            tags = json.loads(_text(ds.attrs["axistags"]))["axes"]
+            axes = "".join(t["key"] for t in tags).upper()
+            if len(axes) == ds.ndim:
+                return axes
+        except (ValueError, KeyError, TypeError):
+            pass
+    labels = "".join((d.label or "?")[:1].upper() for d in ds.dims)
+    if "?" not in labels and len(set(labels)) == ds.ndim:
+        return labels
+    return default_axes(ds.ndim)
+
+
+def _scale(ds: h5py.Dataset) -> tuple[tuple[float, ...], str | None]:
+    """Scale per axis; a shorter list of sizes applies to the last axes."""
+    name, value = _attr(ds, _SCALE_ATTRS)
+    scale = [1.0] * ds.ndim
+    if value is None:
+        return tuple(scale), None
+    try:
+        sizes = [float(v) for v in np.atleast_1d(np.asarray(value, dtype=float))]
+    except (TypeError, ValueError):
+        return tuple(scale), None
+    if not 0 < len(sizes) <= ds.ndim or not all(np.isfinite(s) and s > 0 for s in sizes):
+        return tuple(scale), None
+    scale[ds.ndim - len(sizes):] = sizes
+    _, unit = _attr(ds, _UNIT_ATTRS)
+    if unit is not None:
+        return tuple(scale), normalize_unit(_text(unit))
+    return tuple(scale), "um" if name.endswith("_um") or name == "element_size" else None
+
+
+def _image(ds: h5py.Dataset, key: str, lazy_bytes: int | None, path: Any) -> Image:
+    scale, unit = _scale(ds)
+    metadata: dict[str, Any] = {"source": os.fspath(path), "key": key}
+    parts = key.rsplit("/", 1)
+    if len(parts) == 2 and parts[1] in (NOISY, CLEAN):
+        metadata["sample"] = parts[0]
+        metadata["role"] = "noisy" if parts[1] == NOISY else "clean"
+    threshold = cnnt_io.LAZY_BYTES if lazy_bytes is None else lazy_bytes
+    if ds.size * ds.dtype.itemsize > threshold:
+        data: Any = ds
+    else:
+        try:
+            data = ds[()]
+        except OSError as e:
+            raise ImageFileError(f"{path}: dataset {key!r} cannot be read, the file may be corrupt ({e})") from None
+    return Image(data, key, _axes(ds), scale, unit, metadata)
+
+
+def read_dataset(path: str | os.PathLike, key: str) -> Image:
+    """One dataset as an :class:`Image` whose ``data`` is the open ``h5py.Dataset`` (read on access)."""
+    f = open_file(path)
+    ds = f.get(key)
+    if not isinstance(ds, h5py.Dataset):
+        f.close()
+        raise ImageFileError(f"{path}: no dataset {key!r}")
+    return _image(ds, key.strip("/"), 0, path)
+
+
+def read_hdf5(path: str | os.PathLike, lazy_bytes: int | None = None) -> list[Image]:
+    """Every image-like dataset, in file order; datasets over ``lazy_bytes``
+    (default :data:`~napari_cnnt.io.LAZY_BYTES`) stay in the file and are read on access.
+    """
+    f = open_file(path)
+    try:
+        images = [_image(ds, key, lazy_bytes, path) for key, ds in _walk(f)]
+    except BaseException:
+        f.close()
+        raise
+    if not any(isinstance(im.data, h5py.Dataset) for im in images):
+        f.close()
+    return images
+
+
+def is_training_file(path: str | os.PathLike) -> bool:
+    """True when every top-level member is a group holding ``noisy_im`` or ``clean_im``."""
+    with open_file(path) as f:
+        members = list(f.values())
+        return bool(members) and all(
+            isinstance(g, h5py.Group) and (NOISY in g or CLEAN in g) for g in members
+        )
+
+
+def read_training_pairs(path: str | os.PathLike) -> list[tuple[str, h5py.Dataset, h5py.Dataset]]:
+    """``(sample, noisy, clean)`` for every sample group, in file order; the arrays are
+    open ``h5py.Dataset`` objects, read on access.
+    """
+    f = open_file(path)
+    pairs = []
+    try:
+        for name, group in f.items():
+            if not isinstance(group, h5py.Group):
+                continue
+            if NOISY not in group and CLEAN not in group:
+                continue
+            for part in (NOISY, CLEAN):
+                if not isinstance(group.get(part), h5py.Dataset):
+                    raise ImageFileError(f"{path}: sample {name!r} has no {part!r} dataset")
+            noisy, clean = group[NOISY], group[CLEAN]
+            if noisy.shape != clean.shape or noisy.ndim not in (2, 3):
+                raise ImageFileError(
+                    f"{path}: sample {name!r} needs noisy_im and clean_im of the same shape [T, H, W] or "
+                    f"[H, W], got {noisy.shape} and {clean.shape}"
+                )
+            pairs.append((name, noisy, clean))
+        if not pairs:
+            raise ImageFileError(f"{path}: no CNNT training samples (groups holding noisy_im and clean_im)")
+    except BaseException:
+        f.close()
+        raise
+    return pairs
+
+
+def _chunks(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """One frame per chunk (at most 512 x 512): fast to read frame by frame."""
+    if len(shape) < 2 or 0 in shape:
+        return None
+    return (1,) * (len(shape) - 2) + tuple(min(n, 512) for n in shape[-2:])
+
+
+def _write_dataset(group: h5py.Group, key: str, data: Any, attrs: dict[str, Any]) -> None:
+    """Copy ``data`` frame by frame along its first axis, so lazy sources are never loaded whole."""
+    shape = tuple(data.shape)
+    dtype = np.dtype(data.dtype)
+    if dtype.kind not in "biuf":
+        raise ImageFileError(f"cannot write {key!r}: data type {dtype} is not numeric")
+    ds = group.create_dataset(
+        key, shape=shape, dtype=dtype, chunks=_chunks(shape), compression="gzip", compression_opts=4,
+        shuffle=len(shape) >= 2,
+    )
+    if len(shape) <= 2:
+        ds[...] = np.asarray(data)
+    else:
+        for i in range(shape[0]):
+            ds[i] = np.asarray(data[i])
+    for name, value in attrs.items():
+        if value is not None:
+            ds.attrs[name] = value
+
+
+def write_images_hdf5(path: str | os.PathLike, images: Sequence[Image]) -> None:
+    """Write each image as one dataset named ``image.name`` (``/`` makes groups)."""
+    with atomic_output(path, *(im.data for im in images)) as tmp, h5py.File(tmp, "w", track_order=True) as f:
+        for im in images:
+            if im.name in f:
+                raise ImageFileError(f"{path}: two images named {im.name!r}")
+            attrs: dict[str, Any] = {"axes": im.axes}
+            scale = np.asarray(im.scale, dtype=np.float64)
+            if im.unit == "um":
+                attrs["element_size_um"] = scale
+            elif np.any(scale != 1.0):
+                attrs.update(scale=scale, unit=im.unit)
+            _write_dataset(f, im.name, im.data, attrs)
+
+
+def write_hdf5(
+    path: str | os.PathLike,
+    key: str,
+    data: Any,
+    axes: str | None = None,
+    scale: Sequence[float] | None = None,
+) -> None:
+    """Write one array as a chunked, gzip-compressed dataset with ``axes`` and
+    ``element_size_um`` (``scale`` in micrometres) attributes; replaces ``path``.
+    """
+    axes = axes or default_axes(len(data.shape))
+    _check_key(path, key)
+    write_images_hdf5(path, [Image(data, key.strip("/"), axes, tuple(scale or ()), "um")])
+
+
+def _check_key(path: Any, key: str) -> None:
+    if not key.strip("/") or any(not part for part in key.strip("/").split("/")):
+        raise ImageFileError(f"{path}: invalid dataset name {key!r}")
+
+
+def write_training_pairs(
+    path: str | os.PathLike,
+    pairs: Sequence[tuple[Any, Any]],
+    names: Sequence[str] | None = None,
+) -> None:
+    """Write ``(noisy, clean)`` arrays in the CNNT training layout, one group per sample.
+
+    Default sample names (``sample_000``, ...) sort in the order given, which is
+    the order the reference implementation reads them in.
+    """
+    if not pairs:
+        raise ImageFileError(f"{path}: no training pairs to write")
+    if names is None:
+        width = max(3, len(str(len(pairs) - 1)))
+        names = [f"sample_{i:0{width}d}" for i in range(len(pairs))]
+    names = [str(n).strip("/") for n in names]
+    if len(names) != len(pairs) or len(set(names)) != len(names):
+        raise ImageFileError(f"{path}: need one distinct name per pair, got {len(names)} for {len(pairs)} pairs")
+    for name, (noisy, clean) in zip(names, pairs):
+        _check_key(path, name)
+        if tuple(noisy.shape) != tuple(clean.shape) or len(noisy.shape) not in (2, 3):
+            raise ImageFileError(
+                f"{path}: sample {name!r} needs noisy and clean arrays of the same shape [T, H, W] or [H, W], "
+                f"got {tuple(noisy.shape)} and {tuple(clean.shape)}"
+            )
+    sources = [a for pair in pairs for a in pair]
+    with atomic_output(path, *sources) as tmp, h5py.File(tmp, "w", track_order=True) as f:
+        for name, (noisy, clean) in zip(names, pairs):
+            group = f.create_group(name, track_order=True)
+            axes = default_axes(len(noisy.shape))
+            _write_dataset(group, NOISY, noisy, {"axes": axes})
+            _write_dataset(group, CLEAN, clean, {"axes": axes})
+
+
+__all__ = [
+    "is_hdf5",
+    "is_training_file",
+    "list_image_datasets",
+    "read_dataset",
+    "read_hdf5",
+    "read_training_pairs",
+    "write_hdf5",
+    "write_images_hdf5",
+    "write_training_pairs",
+]
