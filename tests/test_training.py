@@ -7,23 +7,30 @@ import torch
 import napari_cnnt
 from napari_cnnt.model import CNNTDenoiser
 from napari_cnnt.normalization import Normalization
+from napari_cnnt.synthetic import simulate
 from napari_cnnt.training import CheckpointMismatch, TrainSettings, load_checkpoint_model
-from synthetic_pairs import pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(patch_sizes=(16,), time=4, batch_size=2, fast=False)
+# The simulator's camera: offset 100 ADU, brightest pixels near 170 ADU.
+NORM = Normalization("fixed", 100, 180)
+
+
+def pair(structure, seed, shape=(6, 32, 32), **camera):
+    """A (noisy, clean) time-lapse of one structure type."""
+    return simulate(shape, (structure,), seed=seed, **camera)
 
 
 @pytest.fixture
 def model(tiny_config):
     m = CNNTDenoiser(tiny_config)
-    m.normalization = Normalization.none()
+    m.normalization = NORM
     return m
 
 
 @pytest.fixture(scope="module")
-def lines_model():
+def filaments_model():
     """A tiny model trained from scratch on filaments only."""
     from napari_cnnt.model import CNNTConfig
 
@@ -32,8 +39,8 @@ def lines_model():
     torch.set_num_threads(1)
     try:
         model, history = napari_cnnt.train(
-            [pair("lines", s) for s in range(4)], val_data=[pair("lines", 10)], config=cfg,
-            normalization=Normalization.none(), epochs=20, lr=2e-3, loss=("ssim", "mse"), loss_weights=(1, 0.1),
+            [pair("filaments", s) for s in range(4)], val_data=[pair("filaments", 10)], config=cfg,
+            normalization=NORM, epochs=20, lr=2e-3, loss=("ssim", "mse"), loss_weights=(1, 0.1),
             patches_per_sample=4, **{**TINY, "batch_size": 4},
         )
     finally:
@@ -46,9 +53,9 @@ def _same_weights(a, b):
 
 
 def test_tiny_model_overfits_two_pairs(tiny_config):
-    pairs = [pair("lines", 1, noise=0.05), pair("blobs", 2, noise=0.05)]
+    pairs = [pair("filaments", 1, peak_photons=400), pair("puncta", 2, peak_photons=400)]
     model, history = napari_cnnt.train(
-        pairs, val_data=pairs, config=tiny_config, normalization=Normalization.none(), epochs=40, lr=2e-3,
+        pairs, val_data=pairs, config=tiny_config, normalization=NORM, epochs=40, lr=2e-3,
         loss="mse", patches_per_sample=2, **TINY,
     )
     losses = history["train_loss"]
@@ -58,18 +65,18 @@ def test_tiny_model_overfits_two_pairs(tiny_config):
     assert history.best["val_loss"] == min(history["val_loss"])
 
 
-def test_backbone_learns_and_keeps_its_normalisation(lines_model):
-    model, history = lines_model
+def test_backbone_learns_and_keeps_its_normalisation(filaments_model):
+    model, history = filaments_model
     assert history.best["val_psnr"] > history.initial["val_psnr"] + 10
-    assert model.normalization == Normalization.none()
+    assert model.normalization == NORM
     assert not model.training
 
 
-def test_finetuning_on_a_new_structure_raises_validation_psnr(lines_model):
-    backbone, _ = lines_model
+def test_finetuning_on_a_new_structure_raises_validation_psnr(filaments_model):
+    backbone, _ = filaments_model
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     tuned, history = napari_cnnt.finetune(
-        backbone, [pair("blobs", s) for s in range(3)], val_pairs=[pair("blobs", 20), pair("blobs", 21)],
+        backbone, [pair("puncta", s) for s in range(3)], val_pairs=[pair("puncta", 20), pair("puncta", 21)],
         epochs=8, lr=1e-3, patches_per_sample=4, **{**TINY, "batch_size": 4},
     )
     assert history.best["val_psnr"] > history.initial["val_psnr"] + 0.5
@@ -82,7 +89,7 @@ def test_finetuning_on_a_new_structure_raises_validation_psnr(lines_model):
 def test_history_reports_every_epoch_and_the_callback_every_step(model):
     events = []
     _, history = napari_cnnt.finetune(
-        model, [pair("lines", 0), pair("lines", 1), pair("lines", 2)], epochs=2, lr=1e-3,
+        model, [pair("filaments", 0), pair("filaments", 1), pair("filaments", 2)], epochs=2, lr=1e-3,
         callback=events.append, patch_sizes=(16, 8), time=4, batch_size=2, fast=False,
     )
     # 3 pairs -> 2 train, 1 validates; 2 patch sizes x 1 batch per epoch
@@ -98,7 +105,7 @@ def test_history_reports_every_epoch_and_the_callback_every_step(model):
 
 
 def test_same_seed_same_losses_other_seed_other_losses(model):
-    pairs = [pair("lines", 0), pair("blobs", 1)]
+    pairs = [pair("filaments", 0), pair("puncta", 1)]
 
     def first_epoch(seed):
         _, h = napari_cnnt.finetune(model, pairs, val_pairs=pairs[:1], epochs=1, lr=1e-3, seed=seed, **TINY)
@@ -111,7 +118,7 @@ def test_same_seed_same_losses_other_seed_other_losses(model):
 def test_stop_mid_epoch_returns_best_weights_and_leaves_a_checkpoint(model, tmp_path):
     stop = threading.Event()
     ckpt = tmp_path / "run.ckpt"
-    pairs = [pair("lines", s) for s in range(4)]
+    pairs = [pair("filaments", s) for s in range(4)]
     def callback(p):
         if p.event == "step" and p.epoch == 3 and p.step == 2:
             stop.set()
@@ -134,7 +141,7 @@ def test_stop_mid_epoch_returns_best_weights_and_leaves_a_checkpoint(model, tmp_
 
 
 def test_resume_continues_the_history_exactly(model, tmp_path):
-    pairs = [pair("lines", 0), pair("blobs", 1), pair("lines", 2)]
+    pairs = [pair("filaments", 0), pair("puncta", 1), pair("filaments", 2)]
     args = dict(val_pairs=pairs[:1], lr=1e-3, patches_per_sample=2, **TINY)
     full, h_full = napari_cnnt.finetune(model, pairs, epochs=4, **args)
 
@@ -166,7 +173,7 @@ def test_resume_continues_the_history_exactly(model, tmp_path):
 
 def test_checkpoint_holds_no_code(model, tmp_path):
     ckpt = tmp_path / "run.ckpt"
-    napari_cnnt.finetune(model, [pair("lines", 0)], epochs=1, checkpoint=ckpt, **TINY)
+    napari_cnnt.finetune(model, [pair("filaments", 0)], epochs=1, checkpoint=ckpt, **TINY)
     state = torch.load(ckpt, weights_only=True)
     assert state["format"] == "napari-cnnt-training"
     ckpt.write_bytes(b"garbage")
@@ -177,7 +184,7 @@ def test_checkpoint_holds_no_code(model, tmp_path):
 @pytest.mark.parametrize("scheduler", ["StepLR", "OneCycleLR", "none"])
 def test_schedulers_and_optimiser_options(model, scheduler):
     _, h = napari_cnnt.finetune(
-        model, [pair("lines", 0)], epochs=2, lr=1e-3, scheduler=scheduler, no_w_decay=True, clip_grad_norm=0,
+        model, [pair("filaments", 0)], epochs=2, lr=1e-3, scheduler=scheduler, no_w_decay=True, clip_grad_norm=0,
         **TINY,
     )
     lrs = h["lr"]
@@ -188,8 +195,8 @@ def test_schedulers_and_optimiser_options(model, scheduler):
 
 
 def test_fast_path_matches_float32(model):
-    pairs = [pair("lines", s) for s in range(3)]
-    args = dict(val_pairs=[pair("lines", 9)], epochs=6, lr=1e-3, patches_per_sample=2, patch_sizes=(16,), time=4,
+    pairs = [pair("filaments", s) for s in range(3)]
+    args = dict(val_pairs=[pair("filaments", 9)], epochs=6, lr=1e-3, patches_per_sample=2, patch_sizes=(16,), time=4,
                 batch_size=2)
     _, h32 = napari_cnnt.finetune(model, pairs, fast=False, **args)
     _, h16 = napari_cnnt.finetune(model, pairs, fast=True, **args)
@@ -214,26 +221,26 @@ def test_fast_path_matches_float32(model):
 def test_absurd_settings_are_refused(model, options, message):
     args = {**TINY, **options}
     with pytest.raises(ValueError, match=message):
-        napari_cnnt.finetune(model, [pair("lines", 0)], **args)
+        napari_cnnt.finetune(model, [pair("filaments", 0)], **args)
 
 
 def test_other_bad_calls(model, tiny_config):
     with pytest.raises(TypeError, match="unknown training option"):
-        napari_cnnt.finetune(model, [pair("lines", 0)], learning_rate=1)
+        napari_cnnt.finetune(model, [pair("filaments", 0)], learning_rate=1)
     with pytest.raises(TypeError, match="CNNTDenoiser"):
-        napari_cnnt.finetune("model.pt", [pair("lines", 0)])
+        napari_cnnt.finetune("model.pt", [pair("filaments", 0)])
     with pytest.raises(TypeError, match="is_set"):
-        napari_cnnt.finetune(model, [pair("lines", 0)], stop=True, **TINY)
+        napari_cnnt.finetune(model, [pair("filaments", 0)], stop=True, **TINY)
     layer = CNNTDenoiser(tiny_config.replace(norm_mode="layer"))
     with pytest.raises(ValueError, match="layer norm"):
-        napari_cnnt.finetune(layer, [pair("lines", 0)], patch_sizes=(16, 8), time=4)
-    noisy, clean = pair("lines", 0)
+        napari_cnnt.finetune(layer, [pair("filaments", 0)], patch_sizes=(16, 8), time=4)
+    noisy, clean = pair("filaments", 0)
     with pytest.raises(ValueError, match="same shape"):
         napari_cnnt.finetune(model, [(noisy, clean[:, :-1])], **TINY)
 
 
 def test_user_data_is_not_modified(model):
-    noisy, clean = pair("lines", 0)
+    noisy, clean = pair("filaments", 0)
     copies = noisy.copy(), clean.copy()
     napari_cnnt.finetune(model, [(noisy, clean)], epochs=1, **TINY)
     np.testing.assert_array_equal(noisy, copies[0])

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..io.hdf5 import read_training_pairs
 from ..normalization import Normalization
 
 # Foreground test of the reference: a patch is kept if at least AREA_THRES of
@@ -136,46 +137,29 @@ def samples_from_pairs(pairs: Iterable[Any], normalization: Normalization, prefi
 
 
 def h5_keys(path: str | os.PathLike) -> list[str]:
-    """The sample groups of a CNNT HDF5 file, in the file's order."""
-    import h5py
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such HDF5 file")
-    try:
-        with h5py.File(path, "r") as f:
-            keys = list(f.keys())
-            for k in keys:
-                for ds in ("noisy_im", "clean_im"):
-                    if not isinstance(f[k], h5py.Group) or ds not in f[k]:
-                        raise ValueError(
-                            f"{path}: entry {k!r} has no {ds!r} dataset; a CNNT training file holds one "
-                            "group per sample with 'noisy_im' and 'clean_im'"
-                        )
-    except OSError as e:
-        raise ValueError(f"{path}: not a readable HDF5 file ({e})") from None
-    if not keys:
-        raise ValueError(f"{path}: the file holds no samples")
-    return keys
+    """The sample groups of a CNNT HDF5 file, in the order the reference reads them."""
+    pairs = read_training_pairs(path)
+    pairs[0][1].file.close()
+    return [name for name, _, _ in pairs]
 
 
 def samples_from_h5(
     path: str | os.PathLike, normalization: Normalization, keys: Sequence[str] | None = None
 ) -> list[Sample]:
     """Read the groups ``keys`` (default: all) of a CNNT HDF5 file into memory, normalised."""
-    import h5py
-
-    path = Path(path)
-    available = h5_keys(path)
-    keys = available if keys is None else list(keys)
-    missing = [k for k in keys if k not in available]
-    if missing:
-        raise ValueError(f"{path}: no sample group(s) {', '.join(map(repr, missing))} in the file")
-    with h5py.File(path, "r") as f:
+    pairs = read_training_pairs(path)
+    try:
+        by_name = {name: (noisy, clean) for name, noisy, clean in pairs}
+        keys = list(by_name) if keys is None else list(keys)
+        missing = [k for k in keys if k not in by_name]
+        if missing:
+            raise ValueError(f"{path}: no sample group(s) {', '.join(map(repr, missing))} in the file")
+        name = Path(path).name
         return [
-            make_sample(f"{path.name}:{k}", f[k]["noisy_im"][()], f[k]["clean_im"][()], normalization)
-            for k in keys
+            make_sample(f"{name}:{k}", by_name[k][0][()], by_name[k][1][()], normalization) for k in keys
         ]
+    finally:
+        pairs[0][1].file.close()
 
 
 # ----------------------------------------------------------------------------- split
