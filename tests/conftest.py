@@ -30,9 +30,12 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and lose a lot on a busy machine."""
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run many tiny parallel regions, which crawl when other jobs share the cores.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -5,7 +5,7 @@ from torch import nn
 from napari_cnnt.model import CNNTDenoiser
 from napari_cnnt.training.lsuv import lsuv_init
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _output_variances(model, x):

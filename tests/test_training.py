@@ -10,7 +10,7 @@ from napari_cnnt.normalization import Normalization
 from napari_cnnt.synthetic import simulate
 from napari_cnnt.training import CheckpointMismatch, TrainSettings, load_checkpoint_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = dict(patch_sizes=(16,), time=4, batch_size=2, fast=False)
 # The simulator's camera: offset 100 ADU, brightest pixels near 170 ADU.
@@ -30,22 +30,16 @@ def model(tiny_config):
 
 
 @pytest.fixture(scope="module")
-def filaments_model():
+def filaments_model(one_torch_thread):
     """A tiny model trained from scratch on filaments only."""
     from napari_cnnt.model import CNNTConfig
 
     cfg = CNNTConfig(blocks=(8, 16), blocks_per_set=1, n_head=2, pre_channels=(4, 8), dropout_p=0.0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, history = napari_cnnt.train(
-            [pair("filaments", s) for s in range(4)], val_data=[pair("filaments", 10)], config=cfg,
-            normalization=NORM, epochs=20, lr=2e-3, loss=("ssim", "mse"), loss_weights=(1, 0.1),
-            patches_per_sample=4, **{**TINY, "batch_size": 4},
-        )
-    finally:
-        torch.set_num_threads(threads)
-    return model, history
+    return napari_cnnt.train(
+        [pair("filaments", s) for s in range(4)], val_data=[pair("filaments", 10)], config=cfg,
+        normalization=NORM, epochs=20, lr=2e-3, loss=("ssim", "mse"), loss_weights=(1, 0.1),
+        patches_per_sample=4, **{**TINY, "batch_size": 4},
+    )
 
 
 def _same_weights(a, b):

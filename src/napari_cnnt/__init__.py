@@ -30,6 +30,8 @@ _LAZY = {
     "ConfigError": "napari_cnnt.model.config",
     "PRESETS": "napari_cnnt.model.config",
     "CNNTDenoiser": "napari_cnnt.model.denoiser",
+    "denoise": "napari_cnnt.inference",
+    "Cancelled": "napari_cnnt.inference",
     "finetune": "napari_cnnt.training.api",
     "train": "napari_cnnt.training.api",
 }
@@ -39,6 +41,7 @@ __all__ = sorted(_LAZY) + ["__version__"]
 if TYPE_CHECKING:
     from .model.checkpoint import CheckpointError, load_model, save_model
     from .model.config import PRESETS, CNNTConfig, ConfigError
+    from .inference import Cancelled, denoise
     from .model.denoiser import CNNTDenoiser
     from .training.api import finetune, train
 

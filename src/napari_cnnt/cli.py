@@ -1,0 +1,228 @@
+"""The ``napari-cnnt`` command: one subcommand per task, each a pair of functions.
+
+``add_<task>(subparsers)`` declares the options and ``run_<task>(args) -> int``
+does the work; a new task (``train``, ``finetune``) adds one such pair and
+registers it in :data:`SUBCOMMANDS`. Problems the user can fix (a bad file, a
+bad option) end the command with one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
+
+
+class UsageError(ValueError):
+    """A problem with the command line or its files, reported as one line."""
+
+
+# ----------------------------------------------------------------------------- denoise
+def add_denoise(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "denoise",
+        help="denoise a TIFF or HDF5 time-lapse stack",
+        description=(
+            "Denoise a time-lapse stack tile by tile and write the result as float32 in the input's "
+            "intensity units, keeping its axes and pixel size. Stacks larger than memory are read and "
+            "written piece by piece."
+        ),
+    )
+    p.add_argument("input", metavar="INPUT", type=Path, help="a TIFF (.tif, .tiff) or HDF5 (.h5, .hdf5) file")
+    p.add_argument(
+        "-o", "--output", metavar="OUTPUT", type=Path,
+        help="where to write: .tif/.tiff (ImageJ-compatible TIFF) or .h5/.hdf5; "
+             "default: INPUT's name with '_denoised' added, same format. Never the input itself",
+    )
+    p.add_argument("--model", metavar="PATH", type=Path,
+                   help="a napari-cnnt model file, or a reference checkpoint (.pt) with its JSON beside it; "
+                        "default: the bundled model")
+    p.add_argument("--tile", metavar=("T", "H", "W"), type=int, nargs=3,
+                   help="tile size in frames, rows and columns (default: the model's training patch, "
+                        "fitted to the stack and the device's memory)")
+    p.add_argument("--overlap", metavar=("T", "H", "W"), type=int, nargs=3,
+                   help="overlap between neighbouring tiles (default: a quarter of the tile)")
+    p.add_argument("--batch-size", metavar="N", type=int, help="tiles per network call (default: by device memory)")
+    p.add_argument("--device", metavar="D", default="auto",
+                   help="'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:N' or 'mps' (default: auto)")
+    p.add_argument("--dataset", metavar="KEY",
+                   help="HDF5: the dataset to denoise (needed when the file holds several; the output uses the "
+                        "same name). TIFF: the series number (default 0)")
+    p.add_argument("--time-axis", metavar="N", type=int,
+                   help="which axis is time (default: the axis labelled T, or the first of a 3-D stack); "
+                        "stacks along other leading axes (positions, channels) are denoised one by one")
+    p.set_defaults(run=run_denoise)
+
+
+def run_denoise(args: argparse.Namespace) -> int:
+    from .inference import denoise
+    from .io import Image
+
+    output = args.output or default_output(args.input)
+    output_format = _format(output, "output")
+    if output.exists() and args.input.exists() and os.path.samefile(output, args.input):
+        raise UsageError(f"{output}: refusing to overwrite the input; choose another output with -o")
+    if not output.parent.is_dir():
+        raise UsageError(f"{output}: the folder {output.parent} does not exist")
+
+    with contextlib.ExitStack() as stack:
+        image = read_image(args.input, args.dataset)
+        if hasattr(getattr(image.data, "file", None), "close"):  # an open HDF5 dataset
+            stack.callback(image.data.file.close)
+        time_axis = _time_axis(image, args.time_axis)
+        model = _load_model(args.model)
+        result = _output_buffer(image.data.shape, output, stack)
+        bar = stack.enter_context(_progress_bar(f"denoising {args.input.name}"))
+        denoise(
+            image.data, model, tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
+            device=args.device, progress=bar, out=result, time_axis=time_axis,
+        )
+        denoised = Image(result, image.name, image.axes, image.scale, image.unit)
+        write_image(output, output_format, denoised)
+    print(f"wrote {output}", file=sys.stderr)
+    return 0
+
+
+def _load_model(path: Path | None) -> Any:
+    from .model.checkpoint import CheckpointError, load_model
+
+    try:
+        return load_model(path)
+    except CheckpointError:
+        if path is None:
+            raise UsageError("this installation of napari-cnnt has no bundled model yet; pass one with --model PATH") from None
+        raise
+
+
+def default_output(path: Path) -> Path:
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif") + TIFF_SUFFIXES + HDF5_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return path.with_name(name[: -len(suffix)] + "_denoised" + name[-len(suffix):])
+    return path.with_name(name + "_denoised")
+
+
+def _format(path: Path, role: str) -> str:
+    suffix = path.suffix.lower()
+    if suffix in TIFF_SUFFIXES:
+        return "tiff"
+    if suffix in HDF5_SUFFIXES:
+        return "hdf5"
+    raise UsageError(
+        f"{path}: unknown {role} format {suffix or '(no extension)'!r}; use .tif/.tiff or .h5/.hdf5"
+    )
+
+
+def read_image(path: Path, dataset: str | None) -> Any:
+    """The stack to denoise, read lazily, from a TIFF series or an HDF5 dataset."""
+    from .io import hdf5, tiff
+
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    if tiff.is_tiff(path):
+        images = tiff.read_tiff(path)
+        try:
+            return images[int(dataset or 0)]
+        except (ValueError, IndexError):
+            raise UsageError(
+                f"{path}: --dataset must be a series number from 0 to {len(images) - 1} for this TIFF file"
+            ) from None
+    if hdf5.is_hdf5(path):
+        if dataset is None:
+            keys = hdf5.list_image_datasets(path)
+            if len(keys) != 1:
+                listed = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
+                raise UsageError(
+                    f"{path}: holds {len(keys)} image datasets ({listed or 'none'}); choose one with --dataset"
+                )
+            dataset = keys[0]
+        return hdf5.read_dataset(path, dataset)
+    raise UsageError(f"{path}: neither a TIFF nor an HDF5 file")
+
+
+def _time_axis(image: Any, time_axis: int | None) -> int | None:
+    axes, ndim = image.axes, len(image.data.shape)
+    if axes[-2:] != "YX":
+        raise UsageError(f"{image.name}: axes {axes}: the last two axes must be Y and X (colour images are not supported)")
+    if time_axis is not None or ndim <= 3:
+        return time_axis
+    if "T" not in axes:
+        raise UsageError(f"{image.name}: axes {axes} have no time axis (T); say which axis is time with --time-axis N")
+    return axes.index("T")
+
+
+def _output_buffer(shape: tuple[int, ...], output: Path, stack: contextlib.ExitStack) -> np.ndarray:
+    """Where ``denoise`` writes: memory for small results, a temporary file beside the output otherwise."""
+    from . import io
+
+    if 4 * int(np.prod(shape)) <= io.LAZY_BYTES:
+        return np.empty(shape, dtype=np.float32)
+    folder = stack.enter_context(tempfile.TemporaryDirectory(dir=output.parent, prefix=".napari-cnnt-"))
+    return np.lib.format.open_memmap(Path(folder) / "denoised.npy", mode="w+", dtype=np.float32, shape=shape)
+
+
+def write_image(path: Path, output_format: str, image: Any) -> None:
+    from .io import hdf5, tiff
+
+    if output_format == "tiff":
+        tiff.write_tiff(path, image.data, axes=image.axes, scale=image.scale, unit=image.unit)
+    else:
+        hdf5.write_images_hdf5(path, [image])
+
+
+@contextlib.contextmanager
+def _progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback drawing a tqdm bar with tiles/s and the time left."""
+    from tqdm import tqdm
+
+    with tqdm(desc=description, unit="tile", file=sys.stderr, dynamic_ncols=True) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        yield progress
+
+
+# ----------------------------------------------------------------------------- entry point
+SUBCOMMANDS: list[Callable[[Any], None]] = [add_denoise]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="napari-cnnt",
+        description="Denoise fluorescence time-lapse stacks with CNNT, without napari.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"napari-cnnt {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as e:  # ImageFileError, CheckpointError and UsageError among them
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"napari-cnnt {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The napari-cnnt command line: round trips through TIFF and HDF5, help, and one-line errors."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from napari_cnnt import denoise
+from napari_cnnt.cli import build_parser, default_output, main
+from napari_cnnt.io import hdf5, tiff
+from napari_cnnt.model import CNNTConfig, CNNTDenoiser
+from napari_cnnt.model.checkpoint import save_model
+from napari_cnnt.normalization import Normalization
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = CNNTConfig(blocks=(8, 8), blocks_per_set=1, n_head=2, pre_channels=(4, 8), time=4, height=16, width=16)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = CNNTDenoiser(TINY).eval()
+    m.normalization = Normalization("fixed", 0.0, 1000.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def model_file(model, tmp_path_factory):
+    return save_model(model, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+@pytest.fixture
+def stack():
+    return (np.random.default_rng(0).random((6, 20, 24)) * 900).astype(np.uint16)
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, err
+
+
+def expected(data, model, **kwargs):
+    return denoise(data, model, device="cpu", **kwargs)
+
+
+def test_tiff_round_trip_keeps_axes_and_pixel_size(tmp_path, capsys, stack, model, model_file):
+    src, dst = tmp_path / "cells.tif", tmp_path / "clean.tif"
+    tiff.write_tiff(src, stack, axes="TYX", scale=(2.0, 0.25, 0.25), unit="um")
+    before = src.read_bytes()
+    code, err = run(capsys, "denoise", src, "-o", dst, "--model", model_file, "--device", "cpu")
+    assert code == 0, err
+    assert "tile/s" in err  # the progress bar
+    [image] = tiff.read_tiff(dst)
+    assert image.axes == "TYX" and image.unit == "um" and image.data.dtype == np.float32
+    np.testing.assert_allclose(image.scale, (2.0, 0.25, 0.25), rtol=1e-6)
+    np.testing.assert_allclose(image.data, expected(stack, model), rtol=1e-6, atol=1e-3)
+    assert src.read_bytes() == before
+
+
+def test_hdf5_round_trip_keeps_the_dataset_name_axes_and_pixel_size(tmp_path, capsys, model, model_file):
+    data = (np.random.default_rng(1).random((3, 5, 20, 20)) * 900).astype(np.float32)  # [C, T, Y, X]
+    src, dst = tmp_path / "in.h5", tmp_path / "out.h5"
+    with h5py.File(src, "w") as f:
+        f.create_dataset("movie/raw", data=data)
+        f["movie/raw"].attrs["axes"] = "CTYX"
+        f["movie/raw"].attrs["element_size_um"] = [1.0, 3.0, 0.5, 0.5]
+    code, err = run(capsys, "denoise", src, "-o", dst, "--model", model_file, "--device", "cpu",
+                    "--tile", 4, 16, 16, "--overlap", 1, 4, 4, "--batch-size", 3)
+    assert code == 0, err
+    image = hdf5.read_dataset(dst, "movie/raw")
+    try:
+        assert image.axes == "CTYX" and image.unit == "um"
+        np.testing.assert_allclose(image.scale, (1.0, 3.0, 0.5, 0.5))
+        want = expected(data, model, time_axis=1, tile=(4, 16, 16), overlap=(1, 4, 4), batch_size=3)
+        np.testing.assert_allclose(image.data[()], want, rtol=1e-6, atol=1e-3)
+    finally:
+        image.data.file.close()
+
+
+def test_default_output_is_beside_the_input(tmp_path, capsys, stack, model_file):
+    src = tmp_path / "cells.ome.tif"
+    tiff.write_tiff(src, stack, axes="TYX")
+    assert default_output(src) == tmp_path / "cells_denoised.ome.tif"
+    code, err = run(capsys, "denoise", src, "--model", model_file, "--device", "cpu")
+    assert code == 0, err
+    assert (tmp_path / "cells_denoised.ome.tif").is_file()
+
+
+def test_refuses_to_overwrite_its_input(tmp_path, capsys, stack, model_file):
+    src = tmp_path / "cells.tif"
+    tiff.write_tiff(src, stack, axes="TYX")
+    before = src.read_bytes()
+    code, err = run(capsys, "denoise", src, "-o", tmp_path / "." / "cells.tif", "--model", model_file)
+    assert code == 1
+    assert "refusing to overwrite the input" in err and len(err.strip().splitlines()) == 1
+    assert src.read_bytes() == before
+
+
+def not_an_image(path):
+    path.write_text("hello")
+    return path
+
+
+def two_datasets(path):
+    with h5py.File(path, "w") as f:
+        f["a"] = np.zeros((4, 16, 16), np.float32)
+        f["b"] = np.zeros((4, 16, 16), np.float32)
+    return path
+
+
+def nan_stack(path):
+    data = np.zeros((4, 16, 16), np.float32)
+    data[1, 2, 3] = np.nan
+    tiff.write_tiff(path, data, axes="TYX")
+    return path
+
+
+def no_time_axis(path):
+    with h5py.File(path, "w") as f:
+        f["z"] = np.zeros((2, 3, 16, 16), np.float32)
+        f["z"].attrs["axes"] = "ZCYX"
+    return path
+
+
+@pytest.mark.parametrize("make_input,extra,message", [
+    (lambda p: p / "missing.tif", [], "no such file"),
+    (lambda p: not_an_image(p / "notes.tif"), [], "neither a TIFF nor an HDF5"),
+    (lambda p: two_datasets(p / "two.h5"), [], "choose one with --dataset"),
+    (lambda p: two_datasets(p / "two.h5"), ["--dataset", "c"], "no dataset 'c'"),
+    (lambda p: two_datasets(p / "two.h5"), ["--dataset", "a", "-o", "x.png"], "unknown output format '.png'"),
+    (lambda p: two_datasets(p / "two.h5"), ["--dataset", "a", "--tile", "4", "15", "16"], "multiples of 2"),
+    (lambda p: two_datasets(p / "two.h5"), ["--dataset", "a", "--model", "nowhere.pt"], "no such model file"),
+    (lambda p: nan_stack(p / "nan.tif"), [], "NaN or infinite"),
+    (lambda p: no_time_axis(p / "z.h5"), [], "--time-axis"),
+])
+def test_bad_input_ends_with_one_line(tmp_path, capsys, model_file, make_input, extra, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    src = make_input(tmp_path)
+    args = ["denoise", src, "--device", "cpu"] + extra
+    if "--model" not in extra:
+        args += ["--model", model_file]
+    code, err = run(capsys, *args)
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("napari-cnnt denoise: error:") and message in last
+    assert not list(tmp_path.glob("*_denoised*")) and not (tmp_path / "x.png").exists()
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    assert "denoise" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["denoise", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    denoise_parser = build_parser()._subparsers._group_actions[0].choices["denoise"]
+    for action in denoise_parser._actions:
+        for flag in action.option_strings or [action.metavar]:
+            assert flag in text
+        assert action.help and action.help in " ".join(text.split())
+
+
+def test_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
