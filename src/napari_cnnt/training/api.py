@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 
+from ..losses import CombinedLoss
 from ..model.config import CNNTConfig, preset
 from ..model.denoiser import CNNTDenoiser
 from ..normalization import Normalization
+from ..runtime import Runtime
 from .data import Sample, patch_sizes_of, samples_from_h5, samples_from_pairs, split_samples
 from .history import History, Progress
-from .trainer import Trainer, TrainSettings
+from .trainer import Trainer, TrainSettings, metrics
 
 
 def _is_path(x: Any) -> bool:
@@ -67,6 +69,15 @@ def _run(
     trained, history = Trainer(model, train, val, settings, split=split, **engine).run()
     trained.metadata = {**model.metadata, **_provenance(history, base, settings.epochs)}
     return trained, history
+
+
+def new_model(config: CNNTConfig, normalization: Normalization, seed: int) -> CNNTDenoiser:
+    """A freshly initialised model; the same seed gives the same weights (the caller's RNG is untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CNNTDenoiser(config)
+    model.normalization = normalization
+    return model
 
 
 def finetune(
@@ -175,9 +186,35 @@ def train(
         options, epochs=epochs, lr=lr, loss=loss, loss_weights=loss_weights, patch_sizes=patch_sizes,
         time=time, batch_size=batch_size, lsuv=lsuv, seed=seed,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CNNTDenoiser(cfg)
-    model.normalization = normalization or Normalization()
+    model = new_model(cfg, normalization or Normalization(), seed)
     return _run(model, data, val_data, settings, None, device=device, fast=fast,
                 callback=callback, stop=stop, checkpoint=checkpoint)
+
+
+def evaluate(
+    model: CNNTDenoiser,
+    data: Any,
+    *,
+    loss: Sequence[str] | str = ("ssim", "mse"),
+    loss_weights: Sequence[float] = (1.0, 0.1),
+    device: str | torch.device | None = None,
+    fast: bool | None = None,
+) -> dict[str, float]:
+    """Mean loss, PSNR and SSIM of ``model`` over whole stacks, denoised tile by tile.
+
+    ``data`` takes what ``finetune``'s ``pairs`` takes, or a list of
+    :class:`Sample`; stacks are scaled with the model's normalisation.
+    """
+    from ..inference import denoise
+
+    samples = data if data and all(isinstance(d, Sample) for d in data) else load_samples(
+        data, model.normalization, "pair")
+    runtime = Runtime.create(device, fast)
+    loss_fn = CombinedLoss(loss, loss_weights)
+    totals = [0.0, 0.0, 0.0]
+    for s in samples:
+        out = denoise(s.noisy, model, device=runtime, normalization="none")
+        values = metrics(torch.from_numpy(out)[None, :, None], torch.from_numpy(s.clean)[None, :, None], loss_fn)
+        totals = [t + v for t, v in zip(totals, values)]
+    n = len(samples)
+    return {"loss": totals[0] / n, "psnr": totals[1] / n, "ssim": totals[2] / n}

@@ -211,6 +211,70 @@ def split_samples(train: list[Sample], val: list[Sample] | None) -> tuple[list[S
     return train, val, split
 
 
+def split_h5_files(
+    files: Sequence[str | os.PathLike], ratio: Sequence[int] = (90, 5, 5), fine_samples: int = -1, seed: int = 0
+) -> tuple[dict[str, list[tuple[Path, str]]], list[str]]:
+    """The reference's train/validation/test split of HDF5 files, as ``(path, key)`` lists.
+
+    With ``fine_samples > 0`` (fine-tuning; one file only) the first
+    ``fine_samples`` samples train and the last five validate and test.
+    Otherwise each file's samples are shuffled and cut by ``ratio``
+    (percentages); an empty test part takes the last sample and an empty
+    validation part the test samples. The reference shuffles without a seed;
+    here ``seed`` makes the split repeatable. Also returns notes on overlaps.
+    """
+    ratio = [int(r) for r in ratio]
+    if len(ratio) != 3 or min(ratio) < 0 or sum(ratio) > 100 or ratio[0] == 0:
+        raise ValueError(
+            f"ratio must be three percentages (train, validation, test) summing to at most 100 "
+            f"with some training data, got {ratio}"
+        )
+    if not files:
+        raise ValueError("no HDF5 training files were given")
+    parts: dict[str, list[tuple[Path, str]]] = {"train": [], "val": [], "test": []}
+    if fine_samples > 0:
+        if len(files) != 1:
+            raise ValueError(f"fine-tuning (fine_samples > 0) takes exactly one training file, got {len(files)}")
+        path = Path(files[0])
+        keys = h5_keys(path)
+        parts["train"] = [(path, k) for k in keys[:fine_samples]]
+        parts["val"] = parts["test"] = [(path, k) for k in keys[-5:]]
+    else:
+        rng = np.random.default_rng(seed)
+        r = [x / 100 for x in ratio]
+        for f in files:
+            path = Path(f)
+            keys = h5_keys(path)
+            keys = [keys[i] for i in rng.permutation(len(keys))]
+            n = len(keys)
+            a, b, c = int(r[0] * n), int((r[0] + r[1]) * n), int((r[0] + r[1] + r[2]) * n)
+            test = keys[b:c] or keys[-1:]
+            val = keys[a:b] or test
+            parts["train"] += [(path, k) for k in keys[:a]]
+            parts["val"] += [(path, k) for k in val]
+            parts["test"] += [(path, k) for k in test]
+    if not parts["train"]:
+        raise ValueError(f"the split leaves no training samples (ratio {ratio}); use more data or a larger ratio")
+    notes = []
+    shared = set(parts["train"]) & set(parts["val"])
+    if shared:
+        notes.append(f"{len(shared)} validation sample(s) also train, so the validation loss is optimistic")
+    return parts, notes
+
+
+def samples_from_keys(
+    keys: Sequence[tuple[str | os.PathLike, str]], normalization: Normalization
+) -> list[Sample]:
+    """Samples for ``(path, key)`` pairs, reading each file once, in the order given."""
+    by_file: dict[Path, list[str]] = {}
+    for path, key in keys:
+        by_file.setdefault(Path(path), []).append(key)
+    loaded = {}
+    for path, ks in by_file.items():
+        loaded.update(zip([(path, k) for k in ks], samples_from_h5(path, normalization, ks)))
+    return [loaded[(Path(p), k)] for p, k in keys]
+
+
 # ----------------------------------------------------------------------------- patches
 def _pad_end(a: np.ndarray, axis: int, size: int) -> np.ndarray:
     if a.shape[axis] >= size:
@@ -350,7 +414,9 @@ __all__ = [
     "make_sample",
     "patch_sizes_of",
     "samples_from_h5",
+    "samples_from_keys",
     "samples_from_pairs",
+    "split_h5_files",
     "split_samples",
     "steps_per_epoch",
 ]

@@ -19,9 +19,10 @@ COLUMNS = ("epoch", "train_loss", "val_loss", "val_psnr", "val_ssim", "lr", "sec
 class Progress:
     """Passed to the ``callback`` after every step (``event="step"``) and epoch (``"epoch"``).
 
-    ``loss`` is the step's training loss, or the epoch's mean training loss;
-    ``record`` holds the epoch's row of the history (``None`` after a step).
-    Epochs and steps count from 1.
+    ``loss`` is the step's training loss, or the epoch's mean training loss.
+    After an epoch, ``record`` holds its row of the history and ``history``
+    the whole history so far (earlier runs included when resumed); both are
+    ``None`` after a step. Epochs and steps count from 1.
     """
 
     event: str
@@ -32,6 +33,7 @@ class Progress:
     loss: float
     lr: float
     record: dict[str, float] | None = None
+    history: History | None = None
 
 
 @dataclass

@@ -190,6 +190,14 @@ def _data_fingerprint(samples: list[Sample]) -> list[list[Any]]:
     return [[s.name, list(s.shape)] for s in samples]
 
 
+def metrics(output: torch.Tensor, target: torch.Tensor, loss_fn: CombinedLoss) -> tuple[float, float, float]:
+    """Loss, PSNR and SSIM of one ``[1, T, 1, H, W]`` prediction; PSNR and SSIM of the output
+    clipped to [0, 1], as an image would be shown."""
+    output, target = output.float(), target.float()
+    shown = output.clamp(0, 1)
+    return loss_fn(output, target).item(), psnr(shown, target).item(), ssim(shown, target).item()
+
+
 class CheckpointMismatch(ValueError):
     """A training checkpoint that belongs to another run."""
 
@@ -357,7 +365,7 @@ class Trainer:
                 history.best_epoch, history.best_val_loss = epoch, score
                 best_state = _cpu_state(model)
             self._save(model, best_state, optimizer, scheduler, history)
-            self._report(Progress("epoch", epoch, s.epochs, self.steps, self.steps, train_loss, lr, record))
+            self._report(Progress("epoch", epoch, s.epochs, self.steps, self.steps, train_loss, lr, record, history))
 
         final = copy.deepcopy(self.base).cpu()
         final.load_state_dict(best_state)
@@ -427,12 +435,9 @@ class Trainer:
                 x, y = xs[i:i + bs].to(rt.device), ys[i:i + bs].to(rt.device)
                 with rt.autocast():
                     out = model(x)
-                out = out.float()
-                shown = out.clamp(0, 1)
                 for j in range(len(x)):
-                    sums[0] += loss_fn(out[j:j + 1], y[j:j + 1]).item()
-                    sums[1] += psnr(shown[j:j + 1], y[j:j + 1]).item()
-                    sums[2] += ssim(shown[j:j + 1], y[j:j + 1]).item()
+                    for k, value in enumerate(metrics(out[j:j + 1], y[j:j + 1], loss_fn)):
+                        sums[k] += value
                     sums[3] += 1
         loss, p, q, n = distributed.sum_across(sums, self.ranks, rt.device)
         return {"val_loss": loss / n, "val_psnr": p / n, "val_ssim": q / n}
