@@ -196,19 +196,18 @@ def split_samples(train: list[Sample], val: list[Sample] | None) -> tuple[list[S
     sample both trains and validates, which the split reports.
     """
     notes = []
-    if val is None:
-        if len(train) >= 2:
-            n_val = max(1, round(len(train) / 5))
-            train, val = train[:-n_val], train[-n_val:]
-            notes.append(f"no validation data given: the last {n_val} of the training samples validate")
-        else:
-            val = list(train)
-            notes.append("only one sample: it is used for validation too, so the validation loss is optimistic")
-    split = Split([s.name for s in train], [s.name for s in val], notes)
-    overlap = sorted(set(split.train) & set(split.val))
-    if overlap and len(train) >= 2:
-        split.notes.append(f"{len(overlap)} sample(s) both train and validate: {_names(overlap)}")
-    return train, val, split
+    if val is None and len(train) >= 2:
+        n_val = max(1, round(len(train) / 5))
+        train, val = train[:-n_val], train[-n_val:]
+        notes.append(f"no validation data given: the last {n_val} of the training samples validate")
+    elif val is None:
+        val = list(train)
+        notes.append("only one sample: it is used for validation too, so the validation loss is optimistic")
+    else:
+        overlap = sorted({s.name for s in train} & {s.name for s in val})
+        if overlap:
+            notes.append(f"{len(overlap)} sample(s) both train and validate: {_names(overlap)}")
+    return train, val, Split([s.name for s in train], [s.name for s in val], notes)
 
 
 def split_h5_files(

@@ -298,9 +298,11 @@ class Trainer:
             return self._run()
 
     def fingerprint(self) -> dict[str, Any]:
-        """What must match for a checkpoint to be resumed (everything but the epoch count)."""
+        """What must match for a checkpoint to be resumed: everything but the number of epochs,
+        which may grow, unless the one-cycle schedule was planned for it."""
         s = self.settings.to_dict()
-        s.pop("epochs")
+        if s["scheduler"] != "OneCycleLR":
+            s.pop("epochs")
         return {
             "config": self.base.config.to_dict(),
             "settings": s,
@@ -314,19 +316,17 @@ class Trainer:
         model = copy.deepcopy(self.base).cpu()
         resumed = self._read_checkpoint()
         history = History(split=self.split)
-        if resumed is None:
-            torch.manual_seed(s.seed)
-            if s.lsuv:
-                x, _ = self.samplers[0].batch(
-                    np.arange(s.batch_size) % len(self.train_samples), np.random.default_rng([s.seed, 0])
-                )
-                lsuv_init(model, torch.from_numpy(x), generator=torch.Generator().manual_seed(s.seed))
-        else:
+        if resumed is not None:
             model.load_state_dict(resumed["model"])
             history = History.from_dict(json.loads(resumed["progress"]))
             history.stopped = False
-
         model = rt.prepare(model)
+        if resumed is None and s.lsuv:
+            torch.manual_seed(s.seed)  # dropout during LSUV's forward passes
+            x, _ = self.samplers[0].batch(
+                np.arange(s.batch_size) % len(self.train_samples), np.random.default_rng([s.seed, 0])
+            )
+            lsuv_init(model, torch.from_numpy(x).to(rt.device), generator=torch.Generator().manual_seed(s.seed))
         net = distributed.wrap(model, self.ranks, rt.device)
         optimizer = _optimizer(model, s)
         scheduler = _scheduler(optimizer, s, s.epochs * self.steps)
@@ -351,16 +351,16 @@ class Trainer:
             if stopped:
                 history.stopped = True
                 break
-            metrics = self._validate(model, val_x, val_y, loss_fn) if val_x else {
+            val = self._validate(model, val_x, val_y, loss_fn) if val_x else {
                 "val_loss": math.nan, "val_psnr": math.nan, "val_ssim": math.nan}
+            score = val["val_loss"] if val_x else train_loss
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(metrics["val_loss"] if val_x else train_loss)
+                scheduler.step(score)
             elif scheduler is not None and s.scheduler != "OneCycleLR":
                 scheduler.step()
-            record = {"epoch": epoch, "train_loss": train_loss, **metrics, "lr": lr,
+            record = {"epoch": epoch, "train_loss": train_loss, **val, "lr": lr,
                       "seconds": time.perf_counter() - t0}
             history.records.append(record)
-            score = metrics["val_loss"] if val_x else train_loss
             if not val_x or score < history.best_val_loss:
                 history.best_epoch, history.best_val_loss = epoch, score
                 best_state = _cpu_state(model)
@@ -390,6 +390,12 @@ class Trainer:
             with rt.autocast():
                 out = net(x)
             loss = loss_fn(out.float(), y)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"training diverged: the loss is {value} at epoch {epoch}, step {step}; "
+                    "try a lower learning rate (the last checkpoint holds the last good epoch)"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if s.clip_grad_norm > 0:
@@ -398,12 +404,6 @@ class Trainer:
             optimizer.step()
             if s.scheduler == "OneCycleLR":
                 scheduler.step()
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"training diverged: the loss is {value} at epoch {epoch}, step {step}; "
-                    "try a lower learning rate (the last checkpoint holds the last good epoch)"
-                )
             total += value
             self._report(Progress("step", epoch, s.epochs, step, len(schedule), value, lr))
         mean = distributed.sum_across([total / len(schedule)], ranks, rt.device)[0] / ranks.world_size
