@@ -143,3 +143,10 @@ def test_two_process_torchrun_matches_one_process(workdir, capsys):
         for key in ("train_loss", "val_loss", "val_psnr"):
             assert b[key] == pytest.approx(a[key], rel=1e-3), key
     assert sorted(p.name for p in Path("logs/model").iterdir()) == ["ddp.safetensors", "single.safetensors"]
+
+
+def test_finetune_without_a_model_says_how_to_give_one(workdir, capsys, monkeypatch):
+    monkeypatch.setattr("napari_cnnt.model.checkpoint.BUNDLED_WEIGHTS", workdir / "absent.safetensors")
+    args = FINETUNE[: FINETUNE.index("--load_path")]
+    assert main(["finetune", *args]) == 1
+    assert "start from a model file with --load_path MODEL" in capsys.readouterr().err

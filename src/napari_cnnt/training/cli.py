@@ -178,14 +178,20 @@ def _check(args: argparse.Namespace) -> None:
 
 def _model(args: argparse.Namespace, command: str) -> tuple[Any, str | None]:
     """The model to train and where it came from (None: a new one)."""
-    from ..model.checkpoint import load_model
+    from ..model.checkpoint import CheckpointError, load_model
     from ..model.config import preset
     from ..normalization import Normalization
     from .api import new_model
 
     given = [f"--{n}" for n in MODEL_FLAGS if getattr(args, n) is not None]
     if args.load_path is not None or command == "finetune":
-        model = load_model(args.load_path)
+        try:
+            model = load_model(args.load_path)
+        except CheckpointError:
+            if args.load_path is None:
+                raise ValueError("this installation of napari-cnnt has no bundled model yet; "
+                                 "start from a model file with --load_path MODEL") from None
+            raise
         if given:
             log.warning(f"warning: ignoring {', '.join(given)}: the architecture comes from the loaded model")
         scaling = ["--per_scaling"] * bool(args.per_scaling) + ["--im_value_scale"] * (args.im_value_scale is not None)
