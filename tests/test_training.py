@@ -245,3 +245,15 @@ def test_settings_round_trip():
     s = TrainSettings(patch_sizes=(16, (8, 32)), loss="ssim", loss_weights=(1,))
     assert s.patch_sizes == ((16, 16), (8, 32))
     assert TrainSettings(**{**s.to_dict(), "patch_sizes": s.to_dict()["patch_sizes"]}) == s
+
+
+def test_finetune_reads_hdf5_training_files(model, tmp_path):
+    from napari_cnnt.io.hdf5 import write_training_pairs
+
+    path = tmp_path / "pairs.h5"
+    write_training_pairs(path, [pair("puncta", s) for s in range(5)])
+    _, history = napari_cnnt.finetune(model, path, epochs=1, **TINY)
+    assert history.split.train == [f"pairs.h5:sample_00{i}" for i in range(4)]
+    assert history.split.val == ["pairs.h5:sample_004"]
+    _, history = napari_cnnt.finetune(model, [path], val_pairs=path, epochs=1, **TINY)
+    assert "5 sample(s) both train and validate" in str(history.split)
