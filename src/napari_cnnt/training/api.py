@@ -40,17 +40,19 @@ def _settings(options: dict[str, Any], **named: Any) -> TrainSettings:
     return TrainSettings(**named, **options)
 
 
-def _provenance(history: History, base: str | None, epochs: int) -> dict[str, Any]:
+def provenance(history: History, base: str | None, settings: TrainSettings) -> dict[str, Any]:
+    """What a trained model's file records about its training (see ``save_model``)."""
     meta = {
         "training_data": history.split.to_dict() if history.split else None,
         "epochs": len(history),
         "best_epoch": history.best_epoch,
         "metrics": history.best,
+        "training": settings.to_dict(),
     }
     if base is not None:
         meta["base_model"] = base
     if history.stopped:
-        meta["stopped_at_epoch"] = f"{len(history) + 1} of {epochs}"
+        meta["stopped_at_epoch"] = f"{len(history) + 1} of {settings.epochs}"
     return meta
 
 
@@ -67,7 +69,7 @@ def _run(
     val = load_samples(val_data, norm, "val pair") if val_data is not None else None
     train, val, split = split_samples(samples, val)
     trained, history = Trainer(model, train, val, settings, split=split, **engine).run()
-    trained.metadata = {**model.metadata, **_provenance(history, base, settings.epochs)}
+    trained.metadata = {**model.metadata, **provenance(history, base, settings)}
     return trained, history
 
 

@@ -325,7 +325,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
 def _train(args: argparse.Namespace, command: str, run_name: str, ranks: Any, device: str | None) -> int:
     from ..model.checkpoint import save_model
-    from .api import evaluate
+    from .api import evaluate, provenance
     from .data import samples_from_keys
     from .trainer import Trainer
 
@@ -371,11 +371,9 @@ def _train(args: argparse.Namespace, command: str, run_name: str, ranks: Any, de
         log.info(f"test ({len(test_keys)} whole stacks): loss {test['loss']:.4f}, PSNR {test['psnr']:.2f} dB, "
                  f"SSIM {test['ssim']:.4f}")
     history.to_csv(metrics_path)
-    provenance = {"base_model": base} if base is not None else {}
-    save_model(
-        trained, output, **provenance, training_data=split.to_dict(), epochs=len(history),
-        metrics={**history.best, **{f"test_{k}": v for k, v in test.items()}},
-        training={"command": command, "run_name": run_name, **settings.to_dict()},
-    )
+    meta = provenance(history, base, settings)
+    meta["metrics"].update({f"test_{k}": v for k, v in test.items()})
+    meta["training"].update(command=command, run_name=run_name)
+    save_model(trained, output, **meta)
     log.info(f"wrote {output} (weights of epoch {history.best_epoch}) and {metrics_path}")
     return 0
