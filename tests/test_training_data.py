@@ -7,7 +7,7 @@ from napari_cnnt.training.data import (
     PatchSampler,
     Sample,
     epoch_schedule,
-    make_sample,
+    make_samples,
     patch_sizes_of,
     samples_from_h5,
     samples_from_pairs,
@@ -27,7 +27,7 @@ def _sample(shape=(4, 8, 8), name="s", value=None):
 def test_fixed_normalisation_clips_and_leaves_input_alone():
     noisy = np.array([[[0, 100, 200, 400]]], np.uint16)
     clean = noisy.copy()
-    s = make_sample("p", noisy, clean, Normalization("fixed", 100, 300))
+    (s,) = make_samples("p", noisy, clean, Normalization("fixed", 100, 300))
     np.testing.assert_allclose(s.noisy[0, 0], [0, 0, 0.5, 1])
     assert s.noisy.dtype == np.float32
     assert noisy.tolist() == [[[0, 100, 200, 400]]]
@@ -36,7 +36,7 @@ def test_fixed_normalisation_clips_and_leaves_input_alone():
 def test_percentile_normalisation_scales_noisy_and_clean_separately():
     rng = np.random.default_rng(0)
     clean = rng.random((2, 16, 16)) * 1000
-    s = make_sample("p", clean * 3 + 50, clean, Normalization("percentile", 1.5, 99.5))
+    (s,) = make_samples("p", clean * 3 + 50, clean, Normalization("percentile", 1.5, 99.5))
     np.testing.assert_allclose(s.noisy, s.clean, atol=1e-5)
     assert s.clean.min() == 0 and s.clean.max() == 1
     assert np.isclose(np.mean(s.clean == 1), 0.005, atol=0.003)
@@ -79,6 +79,11 @@ def test_regions_of_interest_become_samples():
     np.testing.assert_array_equal(samples[1].noisy, noisy[:, 2:10, 3:12])
     (single,) = samples_from_pairs([(noisy, noisy, (1, 1, 3, 3))], NONE)
     assert single.shape == (2, 2, 2)
+    # A region is scaled as it will be when the whole stack is denoised.
+    pct = Normalization("percentile", 1.5, 99.5)
+    (whole,) = samples_from_pairs([(noisy, noisy)], pct)
+    (region,) = samples_from_pairs([(noisy, noisy, (2, 3, 10, 12))], pct)
+    np.testing.assert_array_equal(region.noisy, whole.noisy[:, 2:10, 3:12])
     with pytest.raises(ValueError, match="outside"):
         samples_from_pairs([(noisy, noisy, (0, 0, 11, 4))], NONE)
     with pytest.raises(ValueError, match="empty"):

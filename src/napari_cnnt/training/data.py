@@ -67,14 +67,14 @@ def _normalise(a: np.ndarray, limits: tuple[float, float], clip: bool) -> np.nda
     return np.clip(out, 0.0, 1.0, out=out) if clip else out
 
 
-def make_sample(
+def make_samples(
     name: str,
     noisy: Any,
     clean: Any,
     normalization: Normalization,
-    roi: tuple[int, int, int, int] | None = None,
-) -> Sample:
-    """Check and normalise one pair; ``roi = (top, left, bottom, right)`` crops it.
+    rois: Sequence[tuple[int, int, int, int]] | None = None,
+) -> list[Sample]:
+    """Check and normalise one pair: one sample, or one per ``(top, left, bottom, right)`` box in ``rois``.
 
     Percentile limits are computed on the whole stacks, noisy and clean
     separately as the reference does, so that a region is scaled as it will
@@ -88,10 +88,14 @@ def make_sample(
         )
     clip = normalization.mode != "none"
     n_lim, c_lim = normalization.limits(n), normalization.limits(c)
-    if roi is not None:
+    if rois is None:
+        return [Sample(name, _normalise(n, n_lim, clip), _normalise(c, c_lim, clip))]
+    samples = []
+    for j, roi in enumerate(rois):
         top, left, bottom, right = _check_roi(name, roi, n.shape[1:])
-        n, c = n[:, top:bottom, left:right], c[:, top:bottom, left:right]
-    return Sample(name, _normalise(n, n_lim, clip), _normalise(c, c_lim, clip))
+        box = (slice(None), slice(top, bottom), slice(left, right))
+        samples.append(Sample(f"{name} roi {j}", _normalise(n[box], n_lim, clip), _normalise(c[box], c_lim, clip)))
+    return samples
 
 
 def _check_roi(name: str, roi: Any, hw: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -121,16 +125,12 @@ def samples_from_pairs(pairs: Iterable[Any], normalization: Normalization, prefi
         name = f"{prefix} {i}"
         if not isinstance(pair, (tuple, list)) or len(pair) not in (2, 3):
             raise ValueError(f"{name}: expected (noisy, clean) or (noisy, clean, rois), got {type(pair).__name__}")
-        noisy, clean = pair[0], pair[1]
         rois = pair[2] if len(pair) == 3 else None
-        if rois is None:
-            samples.append(make_sample(name, noisy, clean, normalization))
-            continue
-        boxes = [rois] if len(rois) == 4 and all(np.isscalar(v) for v in rois) else list(rois)
-        if not boxes:
-            raise ValueError(f"{name}: the list of regions of interest is empty")
-        for j, box in enumerate(boxes):
-            samples.append(make_sample(f"{name} roi {j}", noisy, clean, normalization, box))
+        if rois is not None:
+            rois = [rois] if len(rois) == 4 and all(np.isscalar(v) for v in rois) else list(rois)
+            if not rois:
+                raise ValueError(f"{name}: the list of regions of interest is empty")
+        samples += make_samples(name, pair[0], pair[1], normalization, rois)
     if not samples:
         raise ValueError("no training pairs were given")
     return samples
@@ -156,7 +156,7 @@ def samples_from_h5(
             raise ValueError(f"{path}: no sample group(s) {', '.join(map(repr, missing))} in the file")
         name = Path(path).name
         return [
-            make_sample(f"{name}:{k}", by_name[k][0][()], by_name[k][1][()], normalization) for k in keys
+            s for k in keys for s in make_samples(f"{name}:{k}", by_name[k][0][()], by_name[k][1][()], normalization)
         ]
     finally:
         pairs[0][1].file.close()
@@ -410,7 +410,7 @@ __all__ = [
     "Split",
     "epoch_schedule",
     "h5_keys",
-    "make_sample",
+    "make_samples",
     "patch_sizes_of",
     "samples_from_h5",
     "samples_from_keys",
