@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import os
 import threading
@@ -198,7 +199,8 @@ def test_percentile_limits_are_computed_over_the_whole_stack():
     model.normalization = Normalization("percentile", 1.5, 99.5)
     lo, hi = np.percentile(image, [1.5, 99.5])
     y = denoise(image, model, tile=(4, 16, 16), device=EXACT)
-    np.testing.assert_allclose(y, pointwise((image - lo) / (hi - lo)) * (hi - lo) + lo, rtol=1e-5, atol=1e-6 * (hi - lo))
+    want = pointwise((image - lo) / (hi - lo)) * (hi - lo) + lo
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6 * (hi - lo))
 
 
 @pytest.mark.parametrize("normalization", ["none", Normalization("percentile", 1.5, 99.5), None])
@@ -212,7 +214,7 @@ def test_a_constant_image_gives_a_finite_result(normalization):
 def test_nan_and_inf_are_refused_clearly(bad):
     image = rng_stack((4, 20, 20))
     image[2, 5, 5] = bad
-    with pytest.raises(ValueError, match="NaN or infinite"):
+    with pytest.raises(ValueError, match="NaN or infinite values .first at frame 2, row 5, column 5"):
         denoise(image, tiny_model(), device=EXACT)
 
 
@@ -256,6 +258,46 @@ def test_dask_zarr_and_memmap_inputs(tmp_path):
     mm[:] = image
     for source in (da.from_array(image, chunks=(2, 10, 10)), z, mm):
         np.testing.assert_allclose(denoise(source, model, device=EXACT), expected, atol=1e-6)
+
+
+class CountingReads:
+    """An array-like that records what is read from it."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.reads = array, array.shape, array.dtype, []
+
+    def __getitem__(self, key):
+        block = self.array[key]
+        self.reads.append(block.shape)
+        return block
+
+
+def test_each_time_window_is_read_once():
+    image = rng_stack((10, 40, 36))
+    source = CountingReads(image)
+    plan = TilePlan.create(image.shape, (4, 16, 16), (1, 4, 4), "auto")
+    y = denoise(source, pointwise_model(), tile=(4, 16, 16), overlap=(1, 4, 4), batch_size=4, device=EXACT)
+    np.testing.assert_allclose(y, pointwise(image), atol=1e-6)
+    assert len(source.reads) == len(plan.axes[0].starts) < len(plan)
+    assert all(shape == (4, 40, 36) for shape in source.reads)
+
+
+def test_reading_ahead_in_a_thread_gives_the_same_result(monkeypatch):
+    image = rng_stack((9, 40, 36), seed=12)
+    model = tiny_model()
+    inline = denoise(image, model, batch_size=3, device=EXACT)
+    threads = []
+
+    def thread_pool(device):
+        threads.append(device)
+        return concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+    monkeypatch.setattr(inference, "_reader", thread_pool)
+    np.testing.assert_array_equal(denoise(image, model, batch_size=3, device=EXACT), inline)
+    image[7, 3, 4] = np.nan
+    with pytest.raises(ValueError, match="first at frame 7, row 3, column 4"):
+        denoise(image, model, batch_size=3, device=EXACT)
+    assert len(threads) == 2
 
 
 def test_integer_out_is_rounded_and_clipped():

@@ -65,4 +65,43 @@ def test_structures_bleaching_and_clipping():
 
 def test_unknown_structure_is_refused():
     with pytest.raises(ValueError, match="unknown structure"):
-        simulate((2, 32, 32), structures=("membranes",))
+        simulate((2, 32, 32), structures=("mitochondria",))
+
+
+def test_membranes_are_rings():
+    _, clean = simulate((2, 128, 128), structures=("membranes",), background_photons=0, psf_sigma=1.0,
+                        offset=0, drift=0, seed=2)
+    frame = clean[0]
+    assert frame.max() > 0
+    # an outline: bright pixels are a thin set, and most of the field is dark
+    assert (frame > 0.5 * frame.max()).mean() < 0.1
+
+
+def test_density_scales_the_number_of_objects():
+    def lit_fraction(density):
+        _, clean = simulate((1, 128, 128), structures=("puncta",), background_photons=0, offset=0,
+                            density=density, seed=5)
+        return (clean[0] > 0.05 * clean[0].max()).mean()
+
+    assert lit_fraction(3.0) > 2 * lit_fraction(0.3)
+
+
+def test_blinking_switches_puncta_off_and_on():
+    kw = dict(structures=("puncta",), background_photons=0, offset=0, bleach_per_frame=0, seed=1)
+    _, steady = simulate((40, 64, 64), **kw)
+    _, blinking = simulate((40, 64, 64), blinking=0.3, **kw)
+    # total signal per frame varies much more when puncta blink
+    assert blinking.sum((1, 2)).std() / blinking.sum((1, 2)).mean() > 3 * steady.sum((1, 2)).std() / steady.sum((1, 2)).mean()
+
+
+def test_random_recordings_cover_the_conditions():
+    from napari_cnnt.synthetic import random_recording
+
+    settings = [random_recording((2, 32, 32), seed)[2] for seed in range(40)]
+    photons = [s["peak_photons"] for s in settings]
+    assert min(photons) < 20 and max(photons) > 300
+    assert all(5 <= p <= 1000 for p in photons)
+    assert all(1 <= s["read_noise"] <= 6 for s in settings)
+    assert {name for s in settings for name in s["structures"]} == set(STRUCTURES)
+    a, b = random_recording((2, 32, 32), 7), random_recording((2, 32, 32), 7)
+    np.testing.assert_array_equal(a[0], b[0])

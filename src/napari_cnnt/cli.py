@@ -82,7 +82,7 @@ def run_denoise(args: argparse.Namespace) -> int:
         image = read_image(args.input, args.dataset)
         if hasattr(getattr(image.data, "file", None), "close"):  # an open HDF5 dataset
             stack.callback(image.data.file.close)
-        time_axis = _time_axis(image, args.time_axis)
+        time_axis = _time_axis_of(image, args.time_axis)
         model = _load_model(args.model)
         result = _output_buffer(image.data.shape, output, stack)
         bar = stack.enter_context(_progress_bar(f"denoising {args.input.name}"))
@@ -103,7 +103,9 @@ def _load_model(path: Path | None) -> Any:
         return load_model(path)
     except CheckpointError:
         if path is None:
-            raise UsageError("this installation of napari-cnnt has no bundled model yet; pass one with --model PATH") from None
+            raise UsageError(
+                "this installation of napari-cnnt has no bundled model yet; pass one with --model PATH"
+            ) from None
         raise
 
 
@@ -153,10 +155,13 @@ def read_image(path: Path, dataset: str | None) -> Any:
     raise UsageError(f"{path}: neither a TIFF nor an HDF5 file")
 
 
-def _time_axis(image: Any, time_axis: int | None) -> int | None:
+def _time_axis_of(image: Any, time_axis: int | None) -> int | None:
+    """The axis to denoise along: as given, else the one labelled T (3-D stacks: the first)."""
     axes, ndim = image.axes, len(image.data.shape)
     if axes[-2:] != "YX":
-        raise UsageError(f"{image.name}: axes {axes}: the last two axes must be Y and X (colour images are not supported)")
+        raise UsageError(
+            f"{image.name}: axes {axes}: the last two axes must be Y and X (colour images are not supported)"
+        )
     if time_axis is not None or ndim <= 3:
         return time_axis
     if "T" not in axes:

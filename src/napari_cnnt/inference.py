@@ -1,15 +1,16 @@
 """Whole-stack denoising: cut a stack into overlapping tiles, run the network, blend.
 
 For each ``[T, H, W]`` stack: the normalisation limits are computed once over
-the whole stack; a :class:`TilePlan` says where the tiles lie; batches of tiles
-are read lazily from the input (the next batch while the network runs the
-current one) and normalised; every prediction is weighted by :func:`ramp`
-along each axis and added to a :class:`Blender` that holds one time window of
-the output; frames that no later tile touches leave it divided by the summed
-weights, in the input's intensity units, and are written to the output.
+the whole stack; a :class:`TilePlan` says where the tiles lie; batches of
+tiles are read lazily from the input, one time window of frames at a time (on
+a GPU, the next batch while the network runs the current one), and
+normalised; every prediction is weighted by :func:`ramp` along each axis and
+added to a :class:`Blender` that holds one time window of the output; frames
+that no later tile touches leave it divided by the summed weights, in the
+input's intensity units, and are written to the output.
 
-Extra memory is therefore the output, one time window of frames and the
-tiles in flight, however long the stack is.
+Extra memory is therefore the output, one time window of the output and of
+the input, and the tiles in flight, however long the stack is.
 """
 
 from __future__ import annotations
@@ -152,17 +153,22 @@ class TilePlan:
         wt, wh, ww = (ramp(a.tile, a.overlap) for a in self.axes)
         return wt[:, None, None] * wh[None, :, None] * ww[None, None, :]
 
-    def read(self, stack: Any, start: tuple[int, int, int]) -> np.ndarray:
-        """The tile at ``start`` of ``stack`` (any sliceable ``[T, H, W]`` array), padding included.
+    def sources(self, start: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Indices into the unpadded stack of the tile at ``start``, per axis."""
+        return tuple(a.source(s) for a, s in zip(self.axes, start))
 
-        Only the bounding box of the needed positions is read.
-        """
-        index = [a.source(s) for a, s in zip(self.axes, start)]
-        box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in index)
-        block = np.asarray(stack[box])
-        if any(len(i) != b.stop - b.start or i[0] != b.start for i, b in zip(index, box)):
-            block = block[np.ix_(*(i - b.start for i, b in zip(index, box)))]
-        return block
+    def read(self, stack: Any, start: tuple[int, int, int]) -> np.ndarray:
+        """The tile at ``start`` of ``stack`` (any sliceable ``[T, H, W]`` array), padding included."""
+        return _gather(stack, self.sources(start))
+
+
+def _gather(array: Any, index: Sequence[np.ndarray]) -> np.ndarray:
+    """``array[np.ix_(*index)]`` for any sliceable array: only the bounding box is read."""
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in index)
+    block = np.asarray(array[box])
+    if any(len(i) != b.stop - b.start or i[0] != b.start for i, b in zip(index, box)):
+        block = block[np.ix_(*(i - b.start for i, b in zip(index, box)))]
+    return block
 
 
 # ----------------------------------------------------------------------------- blending
@@ -171,7 +177,8 @@ class Blender:
 
     Tiles must arrive in time-major order (``TilePlan.starts``): once a tile
     starts at a later frame, every frame before it is complete, is divided
-    by the summed weights and handed to ``emit(first_frame, frames)``. Since
+    by the summed weights and handed to ``emit(first_frame, frames)`` (a view
+    of the window, which ``emit`` may change in place). Since
     the tiles form a grid, the summed weight is the product of per-axis sums
     and never needs a full-size array.
     """
@@ -214,6 +221,41 @@ class Blender:
 
 
 # ----------------------------------------------------------------------------- data access
+class _WindowReader:
+    """Reads the tiles of a stack one time window at a time.
+
+    Tiles arrive time-major, so the frames of a window are read once and
+    cut into tiles in memory: storage chunked by frames (HDF5, TIFF, zarr)
+    then decodes each frame once per window instead of once per tile.
+    """
+
+    def __init__(self, stack: _Stack, plan: TilePlan):
+        self._stack = stack
+        self._plan = plan
+        self._t_start: int | None = None
+        self._frames: np.ndarray | None = None
+        self._first = 0
+
+    def tile(self, start: tuple[int, int, int]) -> np.ndarray:
+        t_index, h_index, w_index = self._plan.sources(start)
+        if start[0] != self._t_start:
+            self._frames = None  # let the last window go before the next is read
+            self._first = int(t_index.min())
+            self._frames = np.asarray(self._stack[self._first:int(t_index.max()) + 1])
+            self._t_start = start[0]
+            self._check_finite()
+        return _gather(self._frames, (t_index - self._first, h_index, w_index))
+
+    def _check_finite(self) -> None:
+        if self._frames.dtype.kind != "f" or np.isfinite(self._frames).all():
+            return
+        t, y, x = np.argwhere(~np.isfinite(self._frames))[0]
+        where = f"frame {self._first + t}, row {y}, column {x}"
+        if self._stack.lead:
+            where += f" of the stack at {self._stack.lead}"
+        raise ValueError(f"data contains NaN or infinite values (first at {where}); replace them before denoising")
+
+
 class _Stack:
     """One ``[T, H, W]`` stack inside an array of any rank, read and written lazily.
 
@@ -550,7 +592,7 @@ def denoise(
             progress(done, total)
 
     net = runtime.prepare(copy.deepcopy(net).eval())
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
+    with _reader(runtime.device) as reader, torch.inference_mode():
         for lead in leads:
             source = _Stack(data, lead, t_axis)
             target = _Stack(result, lead, t_axis)
@@ -571,45 +613,59 @@ def _denoise_stack(
     cancelled: Callable[[], bool],
     after_batch: Callable[[int], None],
 ) -> None:
-    """Run every tile of one stack, reading the next batch while the network runs."""
+    """Run every tile of one stack; ``reader`` reads the next batch while the network runs this one."""
     lo, hi = limits
 
     def emit(first: int, frames: torch.Tensor) -> None:
-        frames = (frames * (hi - lo) + lo).cpu().numpy()
+        frames = frames.mul_(hi - lo).add_(lo).cpu().numpy()
         target[first:first + len(frames)] = _storable(frames, target.dtype)
 
     blender = Blender(plan, runtime.device, emit)
+    tiles = _WindowReader(source, plan)
     weight = torch.from_numpy(plan.weight()).to(runtime.device)
     starts = plan.starts()
     batches = [starts[i:i + batch_size] for i in range(0, len(starts), batch_size)]
-    pending = reader.submit(_read_batch, source, plan, batches[0], lo, hi)
+    pending = reader.submit(_read_batch, tiles, plan, batches[0], lo, hi)
     for i, batch in enumerate(batches):
         if cancelled():
             raise Cancelled("denoising was cancelled")
         x = pending.result()
         if i + 1 < len(batches):
-            pending = reader.submit(_read_batch, source, plan, batches[i + 1], lo, hi)
-        y = runtime.predict(net, torch.from_numpy(x))[:, :, 0] * weight
+            pending = reader.submit(_read_batch, tiles, plan, batches[i + 1], lo, hi)
+        y = runtime.predict(net, torch.from_numpy(x))[:, :, 0].mul_(weight)
         for start, pred in zip(batch, y):
             blender.add(start, pred)
         after_batch(len(batch))
     blender.finish()
 
 
-def _read_batch(stack: _Stack, plan: TilePlan, starts: list[tuple[int, int, int]], lo: float, hi: float) -> np.ndarray:
-    """Read, check and normalise a batch of tiles into one ``[B, t, 1, h, w]`` float32 array."""
+def _reader(device: torch.device) -> concurrent.futures.Executor:
+    """One thread reading ahead for an accelerator; none for a CPU network,
+    which already uses every core and would only be slowed down by it."""
+    if device.type == "cpu":
+        return _Inline()
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+
+class _Inline(concurrent.futures.Executor):
+    """An executor that runs each task at once, in the calling thread."""
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as e:  # handed to whoever asks for the result, as a thread pool would
+            future.set_exception(e)
+        return future
+
+
+def _read_batch(
+    tiles: _WindowReader, plan: TilePlan, starts: list[tuple[int, int, int]], lo: float, hi: float
+) -> np.ndarray:
+    """Read and normalise a batch of tiles into one ``[B, t, 1, h, w]`` float32 array."""
     x = np.empty((len(starts), plan.tile[0], 1) + plan.tile[1:], dtype=np.float32)
     for tile, start in zip(x, starts):
-        tile[:, 0] = plan.read(stack, start)
-        if not np.isfinite(tile).all():
-            where = ", ".join(
-                f"{name} {a.crop(s)[0].start}" for name, a, s in zip(("frame", "row", "column"), plan.axes, start)
-            )
-            stack_name = f" of stack {stack.lead}" if stack.lead else ""
-            raise ValueError(
-                f"data contains NaN or infinite values (in the tile at {where}{stack_name}); "
-                "replace them before denoising"
-            )
+        tile[:, 0] = tiles.tile(start)
     if (lo, hi) != (0.0, 1.0):
         x -= np.float32(lo)
         x /= np.float32(hi - lo)

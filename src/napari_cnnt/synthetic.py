@@ -11,8 +11,11 @@ expected value of the same camera, ``gain * QE * photons + offset``, so both
 are in the same ADU units. Everything is numpy and seeded, so the same
 arguments give the same stacks on every machine.
 
-A structure type is a function ``(rng, shape, drift) -> density`` in
-:data:`STRUCTURES`; adding one (membranes, dense fields) is adding a function.
+A structure type is a function ``(rng, shape, drift, density) -> fluorophores``
+in :data:`STRUCTURES`, where ``density`` scales how many objects there are
+(sparse to crowded fields); adding a structure type is adding a function.
+:func:`random_conditions` draws acquisition settings over the range real
+microscopes cover, for training data.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-Structure = Callable[[np.random.Generator, tuple[int, int, int], np.ndarray], np.ndarray]
+Structure = Callable[..., np.ndarray]
 
 
 def _splat(shape: tuple[int, int, int], t: np.ndarray, y: np.ndarray, x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -40,8 +43,16 @@ def _splat(shape: tuple[int, int, int], t: np.ndarray, y: np.ndarray, x: np.ndar
     return out.reshape(shape).astype(np.float32)
 
 
-def nucleus(rng: np.random.Generator, shape: tuple[int, int, int], drift: np.ndarray) -> np.ndarray:
-    """One large, slowly moving and turning ellipse with a soft rim and smooth chromatin texture."""
+def nucleus(rng: np.random.Generator, shape: tuple[int, int, int], drift: np.ndarray,
+            density: float = 1.0) -> np.ndarray:
+    """Large, slowly moving and turning ellipses (one per unit of density) with chromatin texture."""
+    out = _one_nucleus(rng, shape, drift)
+    for _ in range(max(1, round(density)) - 1):
+        out = np.maximum(out, _one_nucleus(rng, shape, drift))
+    return out
+
+
+def _one_nucleus(rng: np.random.Generator, shape: tuple[int, int, int], drift: np.ndarray) -> np.ndarray:
     T, H, W = shape
     size = min(H, W)
     a, b = size * rng.uniform(0.14, 0.22), size * rng.uniform(0.11, 0.16)
@@ -70,10 +81,11 @@ def nucleus(rng: np.random.Generator, shape: tuple[int, int, int], drift: np.nda
     return out
 
 
-def filaments(rng: np.random.Generator, shape: tuple[int, int, int], drift: np.ndarray) -> np.ndarray:
+def filaments(rng: np.random.Generator, shape: tuple[int, int, int], drift: np.ndarray,
+              density: float = 1.0) -> np.ndarray:
     """Smooth curved fibres that glide and undulate."""
     T, H, W = shape
-    n = max(2, round(8 * H * W / 256**2))
+    n = max(2, round(8 * density * H * W / 256**2))
     step = 0.5
     t = np.arange(T)[:, None]
     points = []
@@ -90,21 +102,52 @@ def filaments(rng: np.random.Generator, shape: tuple[int, int, int], drift: np.n
     return _splat(shape, *(np.concatenate(p) for p in zip(*points)))
 
 
-def puncta(rng: np.random.Generator, shape: tuple[int, int, int], drift: np.ndarray) -> np.ndarray:
-    """Diffraction-limited vesicles: some diffuse, some are transported in straight runs."""
+def puncta(rng: np.random.Generator, shape: tuple[int, int, int], drift: np.ndarray,
+           density: float = 1.0, blinking: float = 0.0) -> np.ndarray:
+    """Diffraction-limited vesicles: some diffuse, some are transported in straight runs.
+
+    ``blinking``: probability per frame that a punctum switches between on and off.
+    """
     T, H, W = shape
-    n = max(4, round(60 * H * W / 256**2))
+    n = max(4, round(60 * density * H * W / 256**2))
     start = np.array([H, W]) * rng.uniform(0, 1, (n, 2))
     velocity = rng.normal(0, 1.0, (n, 2)) * (rng.uniform(0, 1, (n, 1)) < 0.3)
     steps = rng.normal(0, 0.5, (T, n, 2)) + velocity
     steps[0] = 0
     pos = start + np.cumsum(steps, axis=0) + drift[:, None, :]
-    brightness = 6.0 * rng.lognormal(0.0, 0.4, n)
+    brightness = 6.0 * rng.lognormal(0.0, 0.4, n)[None, :]
+    if blinking > 0:
+        switches = rng.uniform(0, 1, (T, n)) < blinking
+        brightness = brightness * (np.cumsum(switches, axis=0) % 2 == 0)
     t = np.broadcast_to(np.arange(T)[:, None], (T, n))
-    return _splat(shape, t, pos[..., 0], pos[..., 1], brightness[None, :])
+    return _splat(shape, t, pos[..., 0], pos[..., 1], brightness)
 
 
-STRUCTURES: dict[str, Structure] = {"nucleus": nucleus, "filaments": filaments, "puncta": puncta}
+def membranes(rng: np.random.Generator, shape: tuple[int, int, int], drift: np.ndarray,
+              density: float = 1.0) -> np.ndarray:
+    """Cell outlines: closed wavy contours whose shape changes slowly, as plasma membranes do."""
+    T, H, W = shape
+    n = max(1, round(5 * density * H * W / 256**2))
+    t = np.arange(T)[:, None]
+    points = []
+    for _ in range(n):
+        radius = rng.uniform(0.08, 0.2) * min(H, W)
+        centre = np.array([H, W]) * rng.uniform(0.1, 0.9, 2) + np.cumsum(rng.normal(0, 0.2, (T, 2)), axis=0) + drift
+        k = np.arange(2, 6)
+        amp = rng.uniform(0, 0.08, k.size)
+        phase = rng.uniform(0, 2 * np.pi, k.size) + np.outer(np.arange(T), rng.normal(0, 0.05, k.size))
+        theta = np.arange(0, 2 * np.pi, 0.5 / radius)[None, :]
+        r = radius * (1 + sum(amp[i] * np.cos(k[i] * theta + phase[:, i, None]) for i in range(k.size)))
+        y = centre[:, 0, None] + r * np.sin(theta)
+        x = centre[:, 1, None] + r * np.cos(theta)
+        w = np.full(y.shape, 0.5 * rng.uniform(0.5, 1.0))
+        points.append((np.broadcast_to(t, y.shape).ravel(), y.ravel(), x.ravel(), w.ravel()))
+    return _splat(shape, *(np.concatenate(p) for p in zip(*points)))
+
+
+STRUCTURES: dict[str, Structure] = {
+    "nucleus": nucleus, "filaments": filaments, "puncta": puncta, "membranes": membranes,
+}
 
 
 def _blur(stack: np.ndarray, sigma: float) -> np.ndarray:
@@ -131,6 +174,8 @@ def simulate(
     psf_sigma: float = 1.5,
     bit_depth: int = 16,
     seed: int = 0,
+    density: float = 1.0,
+    blinking: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A noisy time-lapse and its clean truth, both ``[T, H, W]`` in camera ADU.
 
@@ -153,12 +198,13 @@ def simulate(
     padded = (T, H + 2 * pad, W + 2 * pad)
     rng = np.random.default_rng(seed)
     stage = np.cumsum(rng.normal(0, drift, (T, 2)), axis=0)
-    density = np.zeros(padded, np.float32)
+    density_map = np.zeros(padded, np.float32)
     for name in dict.fromkeys(structures):
         # Each structure type has its own stream, so choosing others leaves it unchanged.
         sub = np.random.default_rng([seed, zlib.crc32(name.encode())])
-        density += STRUCTURES[name](sub, padded, stage)
-    signal = _blur(density, psf_sigma)[:, pad : pad + H, pad : pad + W]
+        extra = {"blinking": blinking} if name == "puncta" else {}
+        density_map += STRUCTURES[name](sub, padded, stage, density=density, **extra)
+    signal = _blur(density_map, psf_sigma)[:, pad : pad + H, pad : pad + W]
     signal *= np.exp(-bleach_per_frame * np.arange(T, dtype=np.float32))[:, None, None]
     peak = float(signal[0].max()) if signal.size else 0.0
     if peak > 0:
@@ -172,4 +218,41 @@ def simulate(
     return noisy, clean
 
 
-__all__ = ["STRUCTURES", "simulate", "nucleus", "filaments", "puncta"]
+def random_conditions(rng: np.random.Generator) -> dict[str, float]:
+    """Acquisition settings drawn over the range of real live-cell recordings.
+
+    Peak signal from 5 to 1000 photons (log-uniform), read noise 1-6 e-,
+    sCMOS/EMCCD-like gains and offsets, PSFs, bleaching, drift, sparse to
+    crowded fields and, for half of the recordings, blinking.
+    """
+    return {
+        "peak_photons": float(np.exp(rng.uniform(np.log(5), np.log(1000)))),
+        "background_photons": float(rng.uniform(0, 10)),
+        "read_noise": float(rng.uniform(1, 6)),
+        "gain": float(rng.uniform(0.5, 4)),
+        "offset": float(rng.uniform(50, 500)),
+        "psf_sigma": float(rng.uniform(1.0, 2.5)),
+        "bleach_per_frame": float(rng.uniform(0, 0.03)),
+        "drift": float(rng.uniform(0, 0.5)),
+        "density": float(np.exp(rng.uniform(np.log(0.3), np.log(3)))),
+        "blinking": float(rng.uniform(0, 0.2)) if rng.uniform() < 0.5 else 0.0,
+    }
+
+
+def random_recording(
+    shape: tuple[int, int, int], seed: int, structures: Sequence[str] | None = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A recording with random conditions and a random non-empty mix of ``structures``.
+
+    Returns ``(noisy, clean, settings)``; the same seed gives the same recording.
+    """
+    rng = np.random.default_rng([seed, 0x5EED])
+    pool = list(structures) if structures is not None else list(STRUCTURES)
+    chosen = [s for s in pool if rng.uniform() < 0.5] or [pool[rng.integers(len(pool))]]
+    settings = {**random_conditions(rng), "structures": tuple(chosen)}
+    noisy, clean = simulate(shape, seed=seed, **settings)
+    return noisy, clean, settings
+
+
+__all__ = ["STRUCTURES", "simulate", "random_conditions", "random_recording",
+           "nucleus", "filaments", "puncta", "membranes"]
