@@ -257,3 +257,11 @@ def test_finetune_reads_hdf5_training_files(model, tmp_path):
     assert history.split.val == ["pairs.h5:sample_004"]
     _, history = napari_cnnt.finetune(model, [path], val_pairs=path, epochs=1, **TINY)
     assert "5 sample(s) both train and validate" in str(history.split)
+
+
+def test_no_validation_keeps_the_last_weights(model):
+    pairs = [pair("filaments", 0), pair("puncta", 1)]
+    _, history = napari_cnnt.finetune(model, pairs, val_pairs=[], epochs=2, lr=1e-3, **TINY)
+    assert history.split.val == [] and "last epoch" in str(history.split)
+    assert history.best_epoch == 2 and history.initial == {}
+    assert all(np.isnan(history["val_loss"]))

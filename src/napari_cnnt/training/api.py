@@ -66,7 +66,10 @@ def _run(
 ) -> tuple[CNNTDenoiser, History]:
     norm = model.normalization
     samples = load_samples(data, norm, "pair")
-    val = load_samples(val_data, norm, "val pair") if val_data is not None else None
+    if val_data is None or (isinstance(val_data, (list, tuple)) and not val_data):
+        val = None if val_data is None else []
+    else:
+        val = load_samples(val_data, norm, "val pair")
     train, val, split = split_samples(samples, val)
     trained, history = Trainer(model, train, val, settings, split=split, **engine).run()
     trained.metadata = {**model.metadata, **provenance(history, base, settings)}
@@ -121,7 +124,7 @@ def finetune(
     val_pairs
         Validation data, like ``pairs``. By default the last fifth of the
         pairs validates (a single pair validates itself); see
-        ``history.split``.
+        ``history.split``. ``[]``: no validation, the last weights are kept.
     device, fast
         Where to train (``None``: GPU if any) and whether to use bfloat16
         (``None``: where the hardware supports it).

@@ -203,6 +203,8 @@ def split_samples(train: list[Sample], val: list[Sample] | None) -> tuple[list[S
     elif val is None:
         val = list(train)
         notes.append("only one sample: it is used for validation too, so the validation loss is optimistic")
+    elif not val:
+        notes.append("no validation: the weights of the last epoch are kept")
     else:
         overlap = sorted({s.name for s in train} & {s.name for s in val})
         if overlap:
