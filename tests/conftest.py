@@ -30,7 +30,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run many tiny parallel regions, which crawl when other jobs share the cores.

@@ -5,6 +5,7 @@ The public API is small and imports no Qt::
     import napari_cnnt
     model = napari_cnnt.load_model()            # the bundled backbone
     clean = napari_cnnt.denoise(stack, model)   # [T, H, W] -> [T, H, W]
+    tuned, history = napari_cnnt.finetune(model, [(noisy, clean)])
 
 Heavy modules (torch) load on first use, so napari starts quickly.
 """
@@ -31,6 +32,8 @@ _LAZY = {
     "CNNTDenoiser": "napari_cnnt.model.denoiser",
     "denoise": "napari_cnnt.inference",
     "Cancelled": "napari_cnnt.inference",
+    "finetune": "napari_cnnt.training.api",
+    "train": "napari_cnnt.training.api",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
     from .model.config import PRESETS, CNNTConfig, ConfigError
     from .inference import Cancelled, denoise
     from .model.denoiser import CNNTDenoiser
+    from .training.api import finetune, train
 
 
 def __getattr__(name: str):

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .training.cli import add_finetune, add_train
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
@@ -244,13 +245,14 @@ def _progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
 
 
 # ----------------------------------------------------------------------------- entry point
-SUBCOMMANDS: list[Callable[[Any], None]] = [add_denoise, add_demo]
+SUBCOMMANDS: list[Callable[[Any], None]] = [add_denoise, add_train, add_finetune, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-cnnt",
-        description="Denoise fluorescence time-lapse stacks with CNNT, without napari.",
+        description="Denoise fluorescence time-lapse stacks with CNNT, and train or fine-tune CNNT models, "
+                    "without napari.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)

@@ -275,8 +275,16 @@ def save_model(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Pa
         "provenance": json.dumps(provenance, default=_json_default),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    payload = st_save(tensors, metadata=header)
+    return atomic_write(path, st_save(tensors, metadata=header))
 
+
+def atomic_write(path: str | os.PathLike, payload: bytes) -> Path:
+    """Write ``payload`` to ``path`` so that readers see the old file or the new one, never a mix.
+
+    The bytes go to a temporary file in the same folder, are flushed to
+    disk, and the temporary file is renamed over ``path``.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -1,0 +1,379 @@
+"""``napari-cnnt train`` and ``napari-cnnt finetune``.
+
+Both accept the reference implementation's flag names, so its documented
+command lines run with ``napari-cnnt train`` in place of ``python3 main.py``:
+``train`` has the reference's defaults, ``finetune`` those of its fine-tuning
+recipe (starting from the bundled model unless ``--load_path`` is given).
+Experiment-tracker flags are accepted and ignored with a warning; instead
+there is a progress bar per epoch, a log line per epoch (also in
+``--log_path``), a metrics CSV, and the final model in napari-cnnt's format.
+
+Under ``torchrun --nproc_per_node N`` the same command trains data-parallel;
+only rank 0 writes files. Ctrl-C (or SIGTERM) stops at the next step and
+still writes the best model so far; run the same command again (same
+``--run_name``) to resume from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+TRACKER_FLAGS = ("project", "wandb_entity", "run_notes", "num_samples_wandb", "num_test_samples_wandb")
+UNUSED_FLAGS = {
+    "save_cycle": "the checkpoint is saved after every epoch",
+    "test_image_path": "test images are not written",
+}
+MODEL_FLAGS = ("blocks", "blocks_per_set", "n_head", "kernel_size", "stride", "padding", "dropout_p",
+               "norm_mode", "with_mixer", "no_residual")
+
+# The reference's defaults (its main.py) and those of its documented fine-tuning recipe.
+DEFAULTS = {
+    "train": dict(global_lr=5e-4, loss=["mse", "ssim"], loss_weights=[0.1, 1.0]),
+    "finetune": dict(global_lr=2.5e-5, loss=["ssim", "mse"], loss_weights=[1.0, 0.1]),
+}
+
+log = logging.getLogger("napari_cnnt.training")
+
+
+def add_train(subparsers: Any) -> None:
+    _add(subparsers, "train", "train a CNNT model (from scratch, or from --load_path)",
+         "Train a CNNT denoiser on CNNT HDF5 files, the reference implementation's way. From scratch "
+         "the weights are LSUV-initialised; with --load_path training continues from that model.")
+
+
+def add_finetune(subparsers: Any) -> None:
+    _add(subparsers, "finetune", "fine-tune a trained model on a few samples of new data",
+         "Fine-tune a model (default: the bundled one) on CNNT HDF5 files, with the reference's "
+         "fine-tuning recipe: learning rate 2.5e-5, ssim + 0.1 mse, 30 epochs, no LSUV.")
+
+
+def _add(subparsers: Any, command: str, help_text: str, description: str) -> None:
+    p = subparsers.add_parser(
+        command, help=help_text, description=description,
+        epilog="The reference's experiment-tracker options (--project, --wandb_entity, --run_notes, "
+               "--num_samples_wandb, --num_test_samples_wandb) and --save_cycle, --test_image_path are "
+               "accepted and ignored. Under torchrun --nproc_per_node N the command trains data-parallel.",
+    )
+    d = DEFAULTS[command]
+    g = p.add_argument_group("data")
+    g.add_argument("--h5files", nargs="+", required=True, metavar="H5",
+                   help="CNNT HDF5 training files (one group per sample with noisy_im and clean_im)")
+    g.add_argument("--test_case", nargs="+", metavar="H5",
+                   help="HDF5 files whose samples are denoised whole after training to report test metrics "
+                        "(default: the test part of the split)")
+    g.add_argument("--val_case", nargs="+", metavar="H5", help="HDF5 files to validate on instead of the split")
+    g.add_argument("--ratio", nargs=3, type=int, default=[90, 5, 5], metavar=("TRAIN", "VAL", "TEST"),
+                   help="percentages of every file's samples (shuffled with --seed) for training, validation "
+                        "and test (default: 90 5 5)")
+    g.add_argument("--fine_samples", type=int, default=-1, metavar="N",
+                   help="fine-tune on the first N samples of the one training file, validating and testing on "
+                        "its last 5 (default: use --ratio)")
+    g.add_argument("--time", type=int, default=16, help="frames per patch (default: 16)")
+    g.add_argument("--height", nargs="+", type=int, default=[128, 160], help="patch heights (default: 128 160)")
+    g.add_argument("--width", nargs="+", type=int, default=[128, 160], help="patch widths (default: 128 160)")
+    g.add_argument("--per_scaling", action="store_true", default=None,
+                   help="scale intensities by their 1.5 and 99.5 percentiles (new models only)")
+    g.add_argument("--im_value_scale", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                   help="intensities mapped to 0 and 1 (new models only; default: 0 65536)")
+    g.add_argument("--valu_thres", type=float, default=0.002, help="foreground value threshold (default: 0.002)")
+    g.add_argument("--area_thres", type=float, default=0.25,
+                   help="foreground fraction a patch should reach (default: 0.25)")
+    g.add_argument("--num_patches_per_train_sample", type=int, default=1, metavar="N",
+                   help="patches per sample and patch size in every epoch (default: 1)")
+    g.add_argument("--num_patches_per_val_sample", type=int, default=2, metavar="N",
+                   help="fixed validation patches per sample, of the smallest and the largest size (default: 2)")
+
+    g = p.add_argument_group("model (new models only; a loaded model keeps its architecture)")
+    g.add_argument("--load_path", metavar="MODEL",
+                   help="start from this model: a napari-cnnt model file or a reference .pt with its JSON"
+                        + (" (default: the bundled model)" if command == "finetune" else ""))
+    g.add_argument("--preset", choices=("reference", "small"), default="reference",
+                   help="architecture to start from before the flags below (default: reference)")
+    g.add_argument("--blocks", nargs="+", type=int, help="channels per U-net level, e.g. 32 64 96")
+    g.add_argument("--blocks_per_set", type=int)
+    g.add_argument("--n_head", type=int)
+    g.add_argument("--kernel_size", type=int)
+    g.add_argument("--stride", type=int)
+    g.add_argument("--padding", type=int)
+    g.add_argument("--dropout_p", type=float)
+    g.add_argument("--norm_mode", choices=("layer", "batch", "instance", "mixed"))
+    g.add_argument("--with_mixer", type=int, choices=(0, 1))
+    g.add_argument("--no_residual", action="store_true", default=None)
+    g.add_argument("--use_conv_3D", action="store_true", help="not supported")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--loss", nargs="+", default=d["loss"], help=f"losses: mse l1 sobel ssim ssim3D "
+                   f"(default: {' '.join(d['loss'])})")
+    g.add_argument("--loss_weights", nargs="+", type=float, default=d["loss_weights"],
+                   help=f"one weight per loss (default: {' '.join(map(str, d['loss_weights']))})")
+    g.add_argument("--optim", choices=("adamw", "nadam", "sgd"), default="adamw")
+    g.add_argument("--global_lr", type=float, default=d["global_lr"], help=f"learning rate (default: {d['global_lr']})")
+    g.add_argument("--weight_decay", type=float, default=0.1)
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.95)
+    g.add_argument("--no_w_decay", action="store_true", help="no weight decay on biases and norm weights")
+    g.add_argument("--clip_grad_norm", type=float, default=1.0, help="gradient clipping norm; <= 0: off")
+    g.add_argument("--scheduler", choices=("ReduceLROnPlateau", "StepLR", "OneCycleLR"), default="ReduceLROnPlateau")
+    g.add_argument("--num_epochs", type=int, default=30)
+    g.add_argument("--batch_size", type=int, default=8, help="patches per step, over all processes (default: 8)")
+    g.add_argument("--skip_LSUV", action="store_true", help="no LSUV initialisation (never done when fine-tuning)")
+    g.add_argument("--train_only", action="store_true", help="no validation; keep the last weights")
+    g.add_argument("--time_scale", type=int, default=0, help="only 0 is supported")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("output")
+    g.add_argument("--run_name", help=f"names the output files (default: {command}_DATE_TIME)")
+    g.add_argument("--model_path", type=Path, default=Path("./logs/model"), help="folder of the final model")
+    g.add_argument("--check_path", type=Path, default=Path("./logs/check"), help="folder of the checkpoint")
+    g.add_argument("--result_path", type=Path, default=Path("./logs/results"), help="folder of the metrics CSV")
+    g.add_argument("--log_path", type=Path, default=Path("./logs/logs"), help="folder of the log file")
+    g.add_argument("-o", "--output", type=Path, help="the final model file (default: MODEL_PATH/RUN_NAME.safetensors)")
+    g.add_argument("--checkpoint", type=Path,
+                   help="checkpoint file, resumed from when it exists (default: CHECK_PATH/RUN_NAME.ckpt)")
+    g.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' (default: auto)")
+    g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 compute (default: where the hardware supports it)")
+
+    g = p.add_argument_group("accepted for compatibility, ignored")
+    for name in TRACKER_FLAGS + tuple(UNUSED_FLAGS):
+        g.add_argument(f"--{name}", help=argparse.SUPPRESS)
+    p.set_defaults(run=run_train if command == "train" else run_finetune)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    return _run(args, "train")
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    return _run(args, "finetune")
+
+
+# ----------------------------------------------------------------------------- the run
+def _warn_ignored(args: argparse.Namespace) -> None:
+    tracker = [f"--{n}" for n in TRACKER_FLAGS if getattr(args, n) is not None]
+    if tracker:
+        log.warning(f"warning: ignoring experiment-tracker option(s) {', '.join(tracker)}: napari-cnnt writes a "
+                    "metrics CSV and a log file instead")
+    for name, why in UNUSED_FLAGS.items():
+        if getattr(args, name) is not None:
+            log.warning(f"warning: ignoring --{name}: {why}")
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.use_conv_3D:
+        raise ValueError("--use_conv_3D is not supported: napari-cnnt's CNNT uses 2-D convolutions")
+    if args.time_scale != 0:
+        raise ValueError("--time_scale is not supported (only 0: time-lapse pairs)")
+    if len(args.height) != len(args.width):
+        raise ValueError(f"--height and --width must list as many sizes, got {args.height} and {args.width}")
+
+
+def _model(args: argparse.Namespace, command: str) -> tuple[Any, str | None]:
+    """The model to train and where it came from (None: a new one)."""
+    from ..model.checkpoint import CheckpointError, load_model
+    from ..model.config import preset
+    from ..normalization import Normalization
+    from .api import new_model
+
+    given = [f"--{n}" for n in MODEL_FLAGS if getattr(args, n) is not None]
+    if args.load_path is not None or command == "finetune":
+        try:
+            model = load_model(args.load_path)
+        except CheckpointError:
+            if args.load_path is None:
+                raise ValueError("this installation of napari-cnnt has no bundled model yet; "
+                                 "start from a model file with --load_path MODEL") from None
+            raise
+        if given:
+            log.warning(f"warning: ignoring {', '.join(given)}: the architecture comes from the loaded model")
+        scaling = ["--per_scaling"] * bool(args.per_scaling) + ["--im_value_scale"] * (args.im_value_scale is not None)
+        if scaling:
+            log.warning(f"warning: ignoring {', '.join(scaling)}: data are scaled with the loaded model's "
+                        f"normalisation ({model.normalization})")
+        return model, str(args.load_path or "bundled model")
+    fields = {n: getattr(args, n) for n in MODEL_FLAGS if getattr(args, n) is not None}
+    config = preset(args.preset).replace(**fields, time=args.time, height=args.height[0], width=args.width[0])
+    if args.per_scaling:
+        normalization = Normalization("percentile", 1.5, 99.5)
+    else:
+        normalization = Normalization("fixed", *(args.im_value_scale or (0, 65536)))
+    return new_model(config, normalization, args.seed), None
+
+
+def _settings(args: argparse.Namespace, lsuv: bool) -> Any:
+    from .trainer import TrainSettings
+
+    return TrainSettings(
+        epochs=args.num_epochs, lr=args.global_lr, loss=tuple(args.loss), loss_weights=tuple(args.loss_weights),
+        patch_sizes=tuple(zip(args.height, args.width)), time=args.time, batch_size=args.batch_size,
+        patches_per_sample=args.num_patches_per_train_sample,
+        val_patches_per_sample=args.num_patches_per_val_sample, optimizer=args.optim,
+        betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, no_w_decay=args.no_w_decay,
+        clip_grad_norm=args.clip_grad_norm, scheduler=args.scheduler, value_thres=args.valu_thres,
+        area_thres=args.area_thres, lsuv=lsuv, seed=args.seed,
+    )
+
+
+def _data(args: argparse.Namespace, normalization: Any) -> tuple[list, list, list, Any]:
+    """Train, validation and test samples by the reference's rules, and the split to report."""
+    from .data import Split, h5_keys, samples_from_keys, split_h5_files
+
+    parts, notes = split_h5_files(args.h5files, args.ratio, args.fine_samples, args.seed)
+    if args.val_case:
+        parts["val"] = [(Path(f), k) for f in args.val_case for k in h5_keys(f)]
+        notes = []
+    if args.test_case:
+        parts["test"] = [(Path(f), k) for f in args.test_case for k in h5_keys(f)]
+    if args.train_only:
+        parts["val"], notes = [], ["--train_only: no validation, the last weights are kept"]
+    train = samples_from_keys(parts["train"], normalization)
+    val = samples_from_keys(parts["val"], normalization)
+    split = Split([s.name for s in train], [s.name for s in val], notes)
+    return train, val, parts["test"], split
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event):
+    """The first Ctrl-C or SIGTERM asks training to stop after the current step; a second one interrupts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        log.warning("stopping after this step (press Ctrl-C again to interrupt at once)")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class _Reporter:
+    """Progress bar per epoch, a log line per epoch and the metrics CSV (rank 0 only)."""
+
+    def __init__(self, metrics_path: Path):
+        self.metrics_path = metrics_path
+        self.bar = None
+
+    def __call__(self, p: Any) -> None:
+        from tqdm import tqdm
+
+        if p.event == "step":
+            if self.bar is None:
+                self.bar = tqdm(total=p.steps, desc=f"epoch {p.epoch}/{p.epochs}", unit="step",
+                                file=sys.stderr, dynamic_ncols=True, leave=False)
+            self.bar.set_postfix(loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}", refresh=False)
+            self.bar.update(1)
+            return
+        self.close()
+        r = p.record
+        log.info(f"epoch {p.epoch}/{p.epochs}: train loss {r['train_loss']:.4f}, val loss {r['val_loss']:.4f}, "
+                 f"val PSNR {r['val_psnr']:.2f} dB, val SSIM {r['val_ssim']:.4f}, lr {r['lr']:.2e}, "
+                 f"{r['seconds']:.1f} s")
+        p.history.to_csv(self.metrics_path)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _setup_logging(log_file: Path | None) -> list[logging.Handler]:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    for h in handlers:
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return handlers
+
+
+def _run(args: argparse.Namespace, command: str) -> int:
+    from . import distributed
+
+    _check(args)
+    ranks, device = distributed.setup(args.device)
+    run_name = args.run_name or f"{command}_{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    handlers = _setup_logging(args.log_path / f"{run_name}.log" if ranks.is_main else None)
+    if not ranks.is_main:
+        log.setLevel(logging.ERROR)
+    try:
+        _warn_ignored(args)
+        return _train(args, command, run_name, ranks, device)
+    finally:
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()
+        distributed.teardown()
+
+
+def _train(args: argparse.Namespace, command: str, run_name: str, ranks: Any, device: str | None) -> int:
+    from ..model.checkpoint import save_model
+    from .api import evaluate, provenance
+    from .data import samples_from_keys
+    from .trainer import Trainer
+
+    model, base = _model(args, command)
+    lsuv = base is None and not args.skip_LSUV
+    settings = _settings(args, lsuv)
+    train, val, test_keys, split = _data(args, model.normalization)
+    output = args.output or args.model_path / f"{run_name}.safetensors"
+    checkpoint = args.checkpoint or args.check_path / f"{run_name}.ckpt"
+    metrics_path = args.result_path / f"{run_name}_metrics.csv"
+    resuming = checkpoint.exists()
+    log.info(f"napari-cnnt {command} {run_name}: {split}".replace("\n", "; "))
+    log.info(f"{'resuming from' if resuming else 'checkpoint:'} {checkpoint}; {ranks.world_size} process(es)")
+
+    reporter = _Reporter(metrics_path)
+    stop = threading.Event()
+    try:
+        with _stop_on_signals(stop):
+            trainer = Trainer(model, train, val, settings, split=split, device=device, fast=args.fast,
+                              callback=reporter, stop=stop, checkpoint=checkpoint)
+            log.info(f"device {trainer.runtime.device}, {'bfloat16' if trainer.runtime.fast else 'float32'}, "
+                     f"{trainer.steps} steps per epoch")
+            trained, history = trainer.run()
+    except FloatingPointError as e:
+        log.error(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        log.error(f"interrupted; {checkpoint} holds the last finished epoch: run the same command with "
+                  f"--run_name {run_name} to resume")
+        return 130
+    finally:
+        reporter.close()
+    if not ranks.is_main:
+        return 0
+
+    if history.stopped:
+        log.warning(f"stopped during epoch {len(history) + 1}; run the same command with --run_name {run_name} "
+                    "to resume")
+    test = {}
+    if test_keys and not history.stopped:
+        test = evaluate(trained, samples_from_keys(test_keys, model.normalization), loss=settings.loss,
+                        loss_weights=settings.loss_weights, device=trainer.runtime.device, fast=trainer.runtime.fast)
+        log.info(f"test ({len(test_keys)} whole stacks): loss {test['loss']:.4f}, PSNR {test['psnr']:.2f} dB, "
+                 f"SSIM {test['ssim']:.4f}")
+    history.to_csv(metrics_path)
+    meta = provenance(history, base, settings)
+    meta["metrics"].update({f"test_{k}": v for k, v in test.items()})
+    meta["training"].update(command=command, run_name=run_name)
+    save_model(trained, output, **meta)
+    log.info(f"wrote {output} (weights of epoch {history.best_epoch}) and {metrics_path}")
+    return 0

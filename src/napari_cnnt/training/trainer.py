@@ -1,0 +1,484 @@
+"""The training engine shared by ``finetune``, ``train``, the command line and the widget.
+
+It follows the reference recipe (``cnnt-reference.md`` section 8): batches of
+several patch sizes interleaved at random, AdamW, gradient clipping, a
+learning-rate schedule, LSUV when starting from scratch, and the weights
+with the best validation loss kept. On top of that it
+
+- runs the network in bfloat16 where the hardware supports it (the
+  runtime's fast path) while weights, gradients and losses stay float32;
+- can be stopped between any two steps and still returns the best weights;
+- saves a checkpoint atomically after every epoch and resumes from it;
+- runs data-parallel under ``torchrun``, each process taking a share of
+  every batch.
+
+Randomness is derived from ``(seed, epoch)``, so a resumed run draws the same
+patches as an uninterrupted one and a run's outcome does not depend on the
+number of processes it is split over.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..losses import CombinedLoss, psnr, ssim
+from ..model.checkpoint import atomic_write
+from ..model.config import CNNTConfig
+from ..model.denoiser import CNNTDenoiser
+from ..normalization import Normalization
+from ..runtime import Runtime
+from . import distributed
+from .data import (
+    AREA_THRES, VALUE_THRES, PatchSampler, Sample, Split, epoch_schedule, patch_sizes_of, steps_per_epoch,
+)
+from .history import History, Progress
+from .lsuv import lsuv_init
+
+SCHEDULERS = ("ReduceLROnPlateau", "StepLR", "OneCycleLR", "none")
+OPTIMIZERS = ("adamw", "nadam", "sgd")
+CHECKPOINT_FORMAT = "napari-cnnt-training"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that shapes a training run besides the model and the data.
+
+    Defaults are the reference's fine-tuning recipe. ``patch_sizes`` lists
+    ``(height, width)`` patches, one sampler each; ``batch_size`` counts
+    patches per step over all processes. ``patches_per_sample`` is how many
+    patches each sample gives every patch size per epoch, and
+    ``val_patches_per_sample`` how many fixed patches of the smallest and of
+    the largest size each validation sample gives. ``clip_grad_norm <= 0``
+    turns clipping off; ``no_w_decay`` exempts biases and norm weights from
+    weight decay. ``lsuv`` initialises the weights before training (for
+    training from scratch).
+    """
+
+    epochs: int = 30
+    lr: float = 2.5e-5
+    loss: tuple[str, ...] = ("ssim", "mse")
+    loss_weights: tuple[float, ...] = (1.0, 0.1)
+    patch_sizes: tuple[tuple[int, int], ...] = ((128, 128), (160, 160))
+    time: int = 16
+    batch_size: int = 8
+    patches_per_sample: int = 1
+    val_patches_per_sample: int = 2
+    optimizer: str = "adamw"
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    no_w_decay: bool = False
+    clip_grad_norm: float = 1.0
+    scheduler: str = "ReduceLROnPlateau"
+    value_thres: float = VALUE_THRES
+    area_thres: float = AREA_THRES
+    lsuv: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def fix(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        fix("loss", (self.loss,) if isinstance(self.loss, str) else tuple(self.loss))
+        fix("loss_weights", tuple(float(w) for w in self.loss_weights))
+        fix("patch_sizes", tuple(patch_sizes_of(self.patch_sizes)))
+        fix("betas", tuple(float(b) for b in self.betas))
+        CombinedLoss(self.loss, self.loss_weights)  # checks names and weights
+
+        def positive_int(name: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in ("epochs", "time", "batch_size", "patches_per_sample", "val_patches_per_sample"):
+            positive_int(name)
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and 0 < self.lr < 1):
+            raise ValueError(f"lr must be a finite learning rate in (0, 1), got {self.lr!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two values in [0, 1), got {self.betas}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be finite and non-negative, got {self.weight_decay}")
+        if not math.isfinite(self.clip_grad_norm):
+            raise ValueError(f"clip_grad_norm must be finite (<= 0 turns clipping off), got {self.clip_grad_norm}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        for name in ("value_thres", "area_thres"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    def check_model(self, config: CNNTConfig) -> None:
+        """Patch sizes the model cannot take are refused before any work is done."""
+        m = config.size_multiple
+        for h, w in self.patch_sizes:
+            if h % m or w % m:
+                raise ValueError(
+                    f"patch size {h} x {w} is not a multiple of {m}, which this model's "
+                    f"{config.levels} levels need"
+                )
+            if config.norm_mode == "layer" and (h, w) != (config.height, config.width):
+                raise ValueError(
+                    f"this model uses layer norm and only takes {config.height} x {config.width} "
+                    f"patches, got {h} x {w}; multi-patch training needs norm_mode batch, instance or mixed"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["patch_sizes"] = [list(s) for s in self.patch_sizes]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+# ----------------------------------------------------------------------------- helpers
+def _optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    if s.no_w_decay:
+        decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+        rest = [p for n, p in model.named_parameters() if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    else:
+        groups = [{"params": list(model.parameters()), "weight_decay": s.weight_decay}]
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, eps=1e-8)
+    if s.optimizer == "nadam":
+        return torch.optim.NAdam(groups, lr=s.lr, betas=s.betas, eps=1e-8, momentum_decay=0.004)
+    return torch.optim.SGD(groups, lr=s.lr, momentum=0.9)
+
+
+def _scheduler(opt: torch.optim.Optimizer, s: TrainSettings, total_steps: int):
+    """The reference's schedules; OneCycleLR steps every batch, the others every epoch."""
+    sched = torch.optim.lr_scheduler
+    if s.scheduler == "ReduceLROnPlateau":
+        return sched.ReduceLROnPlateau(opt, "min", factor=0.8, patience=5, cooldown=2, min_lr=2e-6)
+    if s.scheduler == "StepLR":
+        return sched.StepLR(opt, step_size=5, gamma=0.8)
+    if s.scheduler == "OneCycleLR":
+        return sched.OneCycleLR(
+            opt, max_lr=s.lr, total_steps=total_steps, pct_start=0.3, anneal_strategy="cos",
+            cycle_momentum=True, base_momentum=0.85, max_momentum=0.95, div_factor=25, final_div_factor=1e4,
+        )
+    return None
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def _data_fingerprint(samples: list[Sample]) -> list[list[Any]]:
+    return [[s.name, list(s.shape)] for s in samples]
+
+
+def metrics(output: torch.Tensor, target: torch.Tensor, loss_fn: CombinedLoss) -> tuple[float, float, float]:
+    """Loss, PSNR and SSIM of one ``[1, T, 1, H, W]`` prediction; PSNR and SSIM of the output
+    clipped to [0, 1], as an image would be shown."""
+    output, target = output.float(), target.float()
+    shown = output.clamp(0, 1)
+    return loss_fn(output, target).item(), psnr(shown, target).item(), ssim(shown, target).item()
+
+
+class CheckpointMismatch(ValueError):
+    """A training checkpoint that belongs to another run."""
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_training_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write a resumable training state atomically (tensors and JSON text only)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return atomic_write(Path(path), buf.getvalue())
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a training checkpoint without executing code from it."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for damaged files
+        raise ValueError(f"{path}: not a readable napari-cnnt training checkpoint ({str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a napari-cnnt training checkpoint")
+    if int(state.get("version", 0)) > CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: written by a newer napari-cnnt (checkpoint version {state['version']})")
+    return state
+
+
+def load_checkpoint_model(path: str | os.PathLike, best: bool = True) -> CNNTDenoiser:
+    """The model in a training checkpoint: its best weights so far, or the latest."""
+    state = read_training_checkpoint(path)
+    model = CNNTDenoiser(CNNTConfig.from_json(state["config"]))
+    model.load_state_dict(state["best" if best else "model"])
+    model.normalization = Normalization.from_dict(json.loads(state["normalization"]))
+    model.metadata = json.loads(state["metadata"])
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- engine
+class Trainer:
+    """Trains a copy of ``model`` on ``train`` samples, validating on ``val`` samples.
+
+    ``callback(progress)`` runs after every step and epoch (on rank 0 only);
+    ``stop`` is anything with ``is_set()`` (a ``threading.Event``): training
+    ends before the next step. ``checkpoint`` is a file that is written at
+    the start and after every epoch; when it exists already, training
+    resumes from it. The user's model is never modified.
+    """
+
+    def __init__(
+        self,
+        model: CNNTDenoiser,
+        train: list[Sample],
+        val: list[Sample],
+        settings: TrainSettings,
+        *,
+        split: Split | None = None,
+        device: str | torch.device | None = None,
+        fast: bool | None = None,
+        callback: Callable[[Progress], Any] | None = None,
+        stop: Any = None,
+        checkpoint: str | os.PathLike | None = None,
+    ):
+        if not isinstance(model, CNNTDenoiser):
+            raise TypeError(f"expected a CNNTDenoiser, got {type(model).__name__}")
+        if not train:
+            raise ValueError("no training samples")
+        if stop is not None and not callable(getattr(stop, "is_set", None)):
+            raise TypeError("stop must have an is_set() method, e.g. a threading.Event")
+        if callback is not None and not callable(callback):
+            raise TypeError("callback must be callable")
+        settings.check_model(model.config)
+        self.ranks = distributed.current()
+        if settings.batch_size < self.ranks.world_size:
+            raise ValueError(
+                f"batch_size={settings.batch_size} is smaller than the {self.ranks.world_size} processes "
+                "sharing each batch"
+            )
+        self.base = model
+        self.train_samples, self.val_samples = list(train), list(val)
+        self.settings = settings
+        self.split = split or Split([s.name for s in train], [s.name for s in val])
+        self.runtime = Runtime.create(device, fast)
+        self.callback = callback
+        self.stop = stop
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.samplers = [
+            PatchSampler(train, settings.time, h, w, settings.value_thres, settings.area_thres)
+            for h, w in settings.patch_sizes
+        ]
+        self.steps = steps_per_epoch(len(train), len(self.samplers), settings.batch_size,
+                                     settings.patches_per_sample)
+
+    # ------------------------------------------------------------------ API
+    def run(self) -> tuple[CNNTDenoiser, History]:
+        """Train; returns the model with the best weights (CPU, eval mode) and the history."""
+        dev = self.runtime.device
+        devices = [dev.index or 0] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._run()
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for a checkpoint to be resumed: everything but the number of epochs,
+        which may grow, unless the one-cycle schedule was planned for it."""
+        s = self.settings.to_dict()
+        if s["scheduler"] != "OneCycleLR":
+            s.pop("epochs")
+        return {
+            "config": self.base.config.to_dict(),
+            "settings": s,
+            "train": _data_fingerprint(self.train_samples),
+            "val": _data_fingerprint(self.val_samples),
+        }
+
+    # ------------------------------------------------------------------ internals
+    def _run(self) -> tuple[CNNTDenoiser, History]:
+        s, rt = self.settings, self.runtime
+        model = copy.deepcopy(self.base).cpu()
+        resumed = self._read_checkpoint()
+        history = History(split=self.split)
+        if resumed is not None:
+            model.load_state_dict(resumed["model"])
+            history = History.from_dict(json.loads(resumed["progress"]))
+            history.stopped = False
+        model = rt.prepare(model)
+        if resumed is None and s.lsuv:
+            torch.manual_seed(s.seed)  # dropout during LSUV's forward passes
+            x, _ = self.samplers[0].batch(
+                np.arange(s.batch_size) % len(self.train_samples), np.random.default_rng([s.seed, 0])
+            )
+            lsuv_init(model, torch.from_numpy(x).to(rt.device), generator=torch.Generator().manual_seed(s.seed))
+        net = distributed.wrap(model, self.ranks, rt.device)
+        optimizer = _optimizer(model, s)
+        scheduler = _scheduler(optimizer, s, s.epochs * self.steps)
+        val_x, val_y = self._validation_patches()
+        loss_fn = CombinedLoss(s.loss, s.loss_weights)
+
+        if resumed is None:
+            best_state = _cpu_state(model)
+            if val_x:
+                history.initial = self._validate(model, val_x, val_y, loss_fn)
+                history.best_val_loss = history.initial["val_loss"]
+            self._save(model, best_state, optimizer, scheduler, history)
+        else:
+            best_state = resumed["best"]
+            optimizer.load_state_dict(resumed["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(resumed["scheduler"])
+
+        for epoch in range(len(history) + 1, s.epochs + 1):
+            t0 = time.perf_counter()
+            train_loss, lr, stopped = self._train_epoch(net, model, optimizer, scheduler, loss_fn, epoch)
+            if stopped:
+                history.stopped = True
+                break
+            val = self._validate(model, val_x, val_y, loss_fn) if val_x else {
+                "val_loss": math.nan, "val_psnr": math.nan, "val_ssim": math.nan}
+            score = val["val_loss"] if val_x else train_loss
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(score)
+            elif scheduler is not None and s.scheduler != "OneCycleLR":
+                scheduler.step()
+            record = {"epoch": epoch, "train_loss": train_loss, **val, "lr": lr,
+                      "seconds": time.perf_counter() - t0}
+            history.records.append(record)
+            if not val_x or score < history.best_val_loss:
+                history.best_epoch, history.best_val_loss = epoch, score
+                best_state = _cpu_state(model)
+            self._save(model, best_state, optimizer, scheduler, history)
+            self._report(Progress("epoch", epoch, s.epochs, self.steps, self.steps, train_loss, lr, record, history))
+
+        final = copy.deepcopy(self.base).cpu()
+        final.load_state_dict(best_state)
+        return final.eval(), history
+
+    def _train_epoch(self, net, model, optimizer, scheduler, loss_fn, epoch) -> tuple[float, float, bool]:
+        s, rt, ranks = self.settings, self.runtime, self.ranks
+        rng = np.random.default_rng([s.seed, epoch])
+        torch.manual_seed(_epoch_seed(s.seed, epoch, ranks.rank))
+        schedule = epoch_schedule(len(self.train_samples), len(self.samplers), s.batch_size,
+                                  s.patches_per_sample, rng)
+        net.train()
+        total = 0.0
+        lr = optimizer.param_groups[0]["lr"]
+        for step, (size, indices) in enumerate(schedule, start=1):
+            if self._should_stop():
+                return math.nan, lr, True
+            noisy, clean = self.samplers[size].batch(indices, rng)
+            share = slice(ranks.rank, None, ranks.world_size)
+            x = torch.from_numpy(noisy[share]).to(rt.device, non_blocking=True)
+            y = torch.from_numpy(clean[share]).to(rt.device, non_blocking=True)
+            with rt.autocast():
+                out = net(x)
+            loss = loss_fn(out.float(), y)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"training diverged: the loss is {value} at epoch {epoch}, step {step}; "
+                    "try a lower learning rate (the last checkpoint holds the last good epoch)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.clip_grad_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), s.clip_grad_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            if s.scheduler == "OneCycleLR":
+                scheduler.step()
+            total += value
+            self._report(Progress("step", epoch, s.epochs, step, len(schedule), value, lr))
+        mean = distributed.sum_across([total / len(schedule)], ranks, rt.device)[0] / ranks.world_size
+        return mean, lr, False
+
+    def _validation_patches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Fixed patches of the smallest and the largest patch size, this process's share."""
+        s = self.settings
+        if not self.val_samples:
+            return [], []
+        sizes = sorted(set(s.patch_sizes), key=lambda hw: hw[0] * hw[1])
+        xs, ys = [], []
+        for k, (h, w) in enumerate(dict.fromkeys([sizes[0], sizes[-1]])):
+            sampler = PatchSampler(self.val_samples, s.time, h, w, s.value_thres, s.area_thres)
+            x, y = sampler.fixed_patches(s.val_patches_per_sample, seed=[s.seed, 0, 1 + k])
+            share = slice(self.ranks.rank, None, self.ranks.world_size)
+            xs.append(torch.from_numpy(x[share]))
+            ys.append(torch.from_numpy(y[share]))
+        return xs, ys
+
+    @torch.no_grad()
+    def _validate(self, model, val_x, val_y, loss_fn) -> dict[str, float]:
+        """Mean loss, PSNR and SSIM over the validation patches, each patch weighing the same."""
+        rt, bs = self.runtime, self.settings.batch_size
+        model.eval()
+        sums = [0.0, 0.0, 0.0, 0.0]
+        for xs, ys in zip(val_x, val_y):
+            for i in range(0, len(xs), bs):
+                x, y = xs[i:i + bs].to(rt.device), ys[i:i + bs].to(rt.device)
+                with rt.autocast():
+                    out = model(x)
+                for j in range(len(x)):
+                    for k, value in enumerate(metrics(out[j:j + 1], y[j:j + 1], loss_fn)):
+                        sums[k] += value
+                    sums[3] += 1
+        loss, p, q, n = distributed.sum_across(sums, self.ranks, rt.device)
+        return {"val_loss": loss / n, "val_psnr": p / n, "val_ssim": q / n}
+
+    def _should_stop(self) -> bool:
+        flag = self.stop is not None and self.stop.is_set()
+        if self.ranks.distributed:
+            return distributed.any_across(flag, self.ranks, self.runtime.device)
+        return flag
+
+    def _report(self, progress: Progress) -> None:
+        if self.callback is not None and self.ranks.is_main:
+            self.callback(progress)
+
+    def _read_checkpoint(self) -> dict[str, Any] | None:
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return None
+        state = read_training_checkpoint(self.checkpoint)
+        theirs, ours = json.loads(state["fingerprint"]), self.fingerprint()
+        differ = [k for k in ours if theirs.get(k) != ours[k]]
+        if differ:
+            raise CheckpointMismatch(
+                f"{self.checkpoint}: belongs to another training run (its {', '.join(differ)} differ "
+                "from this one); delete it or choose another checkpoint file"
+            )
+        return state
+
+    def _save(self, model, best_state, optimizer, scheduler, history: History) -> None:
+        if self.checkpoint is None or not self.ranks.is_main:
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "config": self.base.config.to_json(),
+            "normalization": json.dumps(self.base.normalization.to_dict()),
+            "metadata": json.dumps(self.base.metadata, default=str),
+            "fingerprint": json.dumps(self.fingerprint()),
+            "progress": json.dumps(history.to_dict()),
+            "model": _cpu_state(model),
+            "best": best_state,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        }
+        save_training_checkpoint(self.checkpoint, state)
