@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from napari_cnnt import runtime
+from napari_cnnt.losses import psnr
+from napari_cnnt.model import CNNTDenoiser
+from napari_cnnt.runtime import Runtime, resolve_device
+
+
+def test_auto_device_is_cpu_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device(None) == torch.device("cpu")
+
+
+def test_bad_devices_are_explained():
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda:1")
+
+
+def test_fast_path_follows_hardware(monkeypatch):
+    runtime.cpu_has_native_bf16.cache_clear()
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert Runtime.create("cpu").fast is False
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert Runtime.create("cpu").fast is True
+    assert Runtime.create("cpu", fast=False).fast is False  # can always be switched off
+
+
+def test_float32_path_is_exact(tiny_config):
+    model = CNNTDenoiser(tiny_config).eval()
+    x = torch.rand(2, 4, 1, 16, 16)
+    rt = Runtime.create("cpu", fast=False)
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.equal(rt.predict(rt.prepare(model), x), expected)
+
+
+@pytest.mark.skipif(not runtime.cpu_has_native_bf16(), reason="CPU has no native bf16")
+def test_fast_path_close_to_float32(tiny_config):
+    """bf16 autocast stays within 45 dB of float32 on random weights (trained models: see bench_model.py)."""
+    model = CNNTDenoiser(tiny_config.replace(blocks=(16, 16, 32), height=32, width=32)).eval()
+    x = torch.rand(2, 4, 1, 32, 32)
+    exact = Runtime.create("cpu", fast=False).predict(model, x)
+    fast_rt = Runtime.create("cpu", fast=True)
+    fast = fast_rt.predict(fast_rt.prepare(model), x)
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape
+    span = exact.max() - exact.min()
+    assert psnr(fast / span, exact / span).item() > 45.0
