@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from napari.utils import progress
 from qtpy.QtWidgets import QFileDialog
 from widget_helpers import _session_models, click, dock, errors, notes, stack, tiny_model, wait_idle  # noqa: F401
 
@@ -122,6 +123,7 @@ def test_cancel_stops_within_one_batch_and_adds_nothing(make_napari_viewer, qtbo
     widget.batch_size.value = 1
     click(qtbot, widget.run_button)
     qtbot.waitUntil(lambda: widget.progress.bar.value > 0, timeout=20_000)
+    assert [p.desc for p in progress._all_instances] == ["Denoising 'long'"]  # napari's activity panel
     click(qtbot, widget.cancel_button)
     wait_idle(qtbot, widget, 10)
 
@@ -130,6 +132,7 @@ def test_cancel_stops_within_one_batch_and_adds_nothing(make_napari_viewer, qtbo
     assert [lay.name for lay in viewer.layers] == ["long"]
     assert any("cancelled" in m for _, m in notes)
     assert widget.run_button.enabled and not widget.cancel_button.enabled
+    assert not progress._all_instances
 
 
 def test_error_without_an_image_layer(make_napari_viewer, qtbot, tiny_model, notes):

@@ -133,8 +133,9 @@ class ProgressDisplay:
     """A progress bar and a status line in the widget, mirrored in napari's activity panel."""
 
     def __init__(self):
-        self.bar = ProgressBar(value=0, min=0, max=1, label="Progress", visible=False)
+        self.bar = ProgressBar(value=0, min=0, max=1, label="Progress")
         self.status = Label(value="", label="")
+        self.status.native.setWordWrap(True)  # long lines must not widen the dock and squeeze the canvas
         self._activity: napari_progress | None = None
         self._started = time.monotonic()
         self._description = ""
@@ -143,7 +144,7 @@ class ProgressDisplay:
         self.finish("")
         self._started = time.monotonic()
         self._description = description
-        self.bar.max, self.bar.value, self.bar.visible = 1, 0, True
+        self.bar.max, self.bar.value = 1, 0
         self.status.value = f"{description}: starting..."
 
     def update(self, done: int, total: int, what: str) -> None:
@@ -161,7 +162,6 @@ class ProgressDisplay:
         if self._activity is not None:
             self._activity.close()
             self._activity = None
-        self.bar.visible = False
         self.status.value = message
 
     @property

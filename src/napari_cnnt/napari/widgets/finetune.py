@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,16 +79,13 @@ def parse_patch_sizes(text: str) -> list[tuple[int, int]]:
     """``"128, 160"`` or ``"128x96"`` -> ``[(128, 128), (160, 160)]`` / ``[(128, 96)]``."""
     sizes = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        try:
-            hw = [int(v) for v in part.lower().replace("x", " ").split()]
-            if len(hw) not in (1, 2) or min(hw) < 1:
-                raise ValueError
-        except ValueError:
+        match = re.fullmatch(r"(\d+)\s*(?:[x\u00d7]\s*(\d+))?", part.lower())
+        if match is None or int(match[1]) < 1 or int(match[2] or match[1]) < 1:
             raise UserError(
                 f"'{part}' is not a patch size: write sizes in pixels separated by commas, e.g. '128, 160' "
                 "or '128x96'."
-            ) from None
-        sizes.append((hw[0], hw[-1]))
+            )
+        sizes.append((int(match[1]), int(match[2] or match[1])))
     if not sizes:
         raise UserError("Give at least one patch size, e.g. '128, 160'.")
     return sizes
@@ -548,4 +546,4 @@ def _summary(history: Any, epochs: int) -> str:
     quality = f" (validation PSNR {psnr:.1f} dB)" if psnr is not None and math.isfinite(psnr) else ""
     if history.stopped:
         return f"Stopped after {len(history)} of {epochs} epochs; kept {kept}{quality}."
-    return f"Finished {epochs} epochs; kept {kept}{quality}."
+    return f"Finished {epochs} epoch{'s' if epochs != 1 else ''}; kept {kept}{quality}."
