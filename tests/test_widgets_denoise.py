@@ -227,3 +227,21 @@ def test_the_widget_is_in_the_layers_filter_menu(make_napari_viewer):
     make_napari_viewer()
     items = get_app_model().menus.get_menu("napari/layers/filter")
     assert "napari-cnnt.denoise_widget" in [getattr(i, "command", None) and i.command.id for i in items]
+
+
+def test_the_readme_script_denoises_a_file_headless(tiny_model, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from napari_cnnt.io.tiff import read_tiff, write_tiff
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    script = readme.split("## In napari", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "napari.Viewer(show=False)" in script
+    data = stack((6, 16, 16))
+    monkeypatch.chdir(tmp_path)
+    write_tiff("cells.tif", data, axes="TYX", scale=(2.0, 0.3, 0.3), unit="um")
+    save_model(tiny_model, "mine.safetensors")
+    exec(compile(script, "README.md", "exec"), {})
+    (saved,) = read_tiff("cells-denoised.tif")
+    np.testing.assert_allclose(saved.data, napari_cnnt.denoise(data, tiny_model), rtol=1e-5, atol=1e-3)
+    assert saved.axes == "TYX" and saved.scale[-1] == pytest.approx(0.3)

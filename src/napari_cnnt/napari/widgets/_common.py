@@ -10,7 +10,7 @@ import torch
 from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error
-from qtpy.QtWidgets import QFileDialog
+from qtpy.QtWidgets import QComboBox, QFileDialog
 
 from ...model.checkpoint import CheckpointError
 from ...runtime import fast_path_supported, resolve_device
@@ -38,7 +38,7 @@ def explain(error: BaseException, action: str, memory_hint: str) -> str:
         return f"{action} ran out of memory. {memory_hint}"
     if isinstance(error, CheckpointError):
         return sentence(f"This model cannot be used: {error}")
-    if isinstance(error, (ValueError, TypeError, OSError)):
+    if isinstance(error, (ValueError, TypeError, OSError, ArithmeticError)):
         return sentence(f"{action} failed: {error}")
     return sentence(f"{action} failed unexpectedly ({type(error).__name__}: {error})")
 
@@ -52,6 +52,13 @@ def clock(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def compact(combo: ComboBox, chars: int = 14) -> ComboBox:
+    """Keep long layer or model names from widening the dock and squeezing napari's canvas."""
+    combo.native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.native.setMinimumContentsLength(chars)
+    return combo
 
 
 # ----------------------------------------------------------------------------- devices
@@ -85,7 +92,7 @@ class ModelChooser(Container):
     """The session's models (see ``models.MODELS``) and a button to open a model file."""
 
     def __init__(self, label: str = "Model"):
-        self.combo = ComboBox(choices=self._choices, label=label)
+        self.combo = compact(ComboBox(choices=self._choices, label=label))
         self.open_button = PushButton(text="Open file...")
         self.open_button.tooltip = "A napari-cnnt model, or a reference checkpoint (.pt) with its JSON"
         super().__init__(widgets=[self.combo, self.open_button], layout="horizontal", labels=False, label=label)
@@ -153,7 +160,7 @@ class ProgressDisplay:
         self._activity.update(done - self._activity.n)
         self.bar.max, self.bar.value = max(total, 1), done
         elapsed = time.monotonic() - self._started
-        text = f"{what} | {clock(elapsed)} elapsed"
+        text = f"{what}\n{clock(elapsed)} elapsed"
         if 0 < done < total:
             text += f", about {clock(elapsed * (total - done) / done)} left"
         self.status.value = text

@@ -20,7 +20,8 @@ from ...inference import Cancelled, auto_tile, denoise
 from ...model.checkpoint import CheckpointError
 from ...runtime import Runtime
 from ._common import (
-    FAST_PATH_TIP, ModelChooser, ProgressDisplay, clock, device_choices, explain, fast_path_default, sentence,
+    FAST_PATH_TIP, ModelChooser, ProgressDisplay, clock, compact, device_choices, explain, fast_path_default,
+    sentence,
 )
 from ._jobs import Job, Outcome
 
@@ -62,7 +63,7 @@ def display_range(data: np.ndarray) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- one run
 @dataclass
 class DenoiseRequest:
-    """Everything one run needs, fixed when Run is pressed."""
+    """Everything one run needs, fixed when Run is pressed (the worker never touches the layer)."""
 
     layer: Image
     model: Any
@@ -73,6 +74,7 @@ class DenoiseRequest:
     batch_size: int | None = None
     runtime: Runtime | None = None
     keep: bool = False
+    data: Any = field(default=None, repr=False)
     source: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -87,6 +89,7 @@ class DenoiseRequest:
                 f"'{layer.name}' is a multi-resolution (pyramid) image, which cannot be denoised yet; "
                 "open its full-resolution level as a plain image."
             )
+        self.data = layer.data
         self.source = {
             "name": layer.name, "scale": layer.scale, "translate": layer.translate, "rotate": layer.rotate,
             "shear": layer.shear, "affine": layer.affine, "axis_labels": layer.axis_labels,
@@ -100,10 +103,18 @@ class DenoiseRequest:
     def run(self, report: Callable[[Any], None], stop: Any) -> np.ndarray:
         """The library call (on the worker thread)."""
         return denoise(
-            self.layer.data, self.model, tile=self.tile, overlap=self.overlap, batch_size=self.batch_size,
+            self.data, self.model, tile=self.tile, overlap=self.overlap, batch_size=self.batch_size,
             device=self.runtime, time_axis=self.time_axis, progress=lambda done, total: report((done, total)),
             cancel=stop,
         )
+
+
+def _previous_output(viewer: napari.Viewer, request: DenoiseRequest) -> Image | None:
+    for layer in viewer.layers:
+        made_here = layer.metadata.get("napari_cnnt", {}).get("denoised_from") == request.source["name"]
+        if isinstance(layer, Image) and layer.name == request.output_name and made_here:
+            return layer
+    return None
 
 
 def place_result(viewer: napari.Viewer, request: DenoiseRequest, result: np.ndarray) -> Image:
@@ -111,24 +122,25 @@ def place_result(viewer: napari.Viewer, request: DenoiseRequest, result: np.ndar
     src = request.source
     metadata = {"napari_cnnt": {"denoised_from": src["name"], "model": request.model_name}}
     limits = display_range(result)
-    if not request.keep:
-        for layer in viewer.layers:
-            same = layer.name == request.output_name and isinstance(layer, Image)
-            if same and layer.metadata.get("napari_cnnt", {}).get("denoised_from") == src["name"]:
-                if layer.ndim == result.ndim:
-                    layer.data = result
-                    layer.contrast_limits_range = limits
-                    layer.contrast_limits = limits
-                    layer.metadata = metadata
-                    for key in ("scale", "translate", "rotate", "shear", "affine", "axis_labels", "units"):
-                        setattr(layer, key, src[key])
-                    return layer
-                viewer.layers.remove(layer)
-                break
-    return viewer.add_image(
+    old = None if request.keep else _previous_output(viewer, request)
+    if old is not None and old.ndim == result.ndim:  # update it, keeping the user's display settings
+        old.data = result
+        old.contrast_limits_range = limits
+        old.contrast_limits = limits
+        old.metadata = metadata
+        for key in ("scale", "translate", "rotate", "shear", "affine", "axis_labels", "units"):
+            setattr(old, key, src[key])
+        return old
+    if old is not None:  # another number of axes: a new layer in its place
+        index = viewer.layers.index(old)
+        viewer.layers.remove(old)
+    layer = viewer.add_image(
         result, name=request.output_name, contrast_limits=limits, metadata=metadata,
         **{k: v for k, v in src.items() if k != "name"},
     )
+    if old is not None:
+        viewer.layers.move(viewer.layers.index(layer), index)
+    return layer
 
 
 class DenoiseRun:
@@ -204,17 +216,16 @@ class DenoiseWidget(Container):
 
     def __init__(self, napari_viewer: napari.Viewer):
         self.viewer = napari_viewer
-        self.layer = ComboBox(label="Image", choices=self._image_layers)
-        self.time_axis = ComboBox(label="Time axis", choices=self._time_axes)
+        self.layer = compact(ComboBox(label="Image", choices=self._image_layers))
+        self.time_axis = compact(ComboBox(label="Time axis", choices=self._time_axes))
         self.time_axis.tooltip = "Other leading axes (positions, channels, Z) are denoised one by one."
         self.model = ModelChooser()
         self.auto_tiles = CheckBox(text="Automatic tile size and overlap", value=True)
         self.tile = Triple("Tile (T, Y, X)", (16, 128, 128), 1)
         self.overlap = Triple("Overlap (T, Y, X)", (4, 32, 32), 0)
-        self.batch_size = SpinBox(label="Batch size", value=0, min=0, max=1024)
-        self.batch_size.native.setSpecialValueText("auto")
+        self.batch_size = SpinBox(label="Batch size (0: auto)", value=0, min=0, max=1024)
         self.batch_size.tooltip = "Tiles per network call; auto fits the device's free memory."
-        self.device = ComboBox(label="Device", choices=device_choices())
+        self.device = compact(ComboBox(label="Device", choices=device_choices()))
         self.fast = CheckBox(text="Fast path (bfloat16)", value=fast_path_default("auto"))
         self.fast.tooltip = FAST_PATH_TIP
         self.keep = CheckBox(text="Keep earlier results", value=False)

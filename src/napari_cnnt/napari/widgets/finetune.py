@@ -35,7 +35,7 @@ from ...training.data import h5_keys
 from ...training.history import Progress
 from ...training.trainer import TrainSettings
 from ._common import (
-    FAST_PATH_TIP, ModelChooser, ProgressDisplay, device_choices, explain, fast_path_default, sentence,
+    FAST_PATH_TIP, ModelChooser, ProgressDisplay, compact, device_choices, explain, fast_path_default, sentence,
     shape_text,
 )
 from ._jobs import Job, Outcome
@@ -165,8 +165,11 @@ def layer_rois(shapes: Shapes, image: Image) -> list[tuple[int, int, int, int]]:
     return rois
 
 
-def _reader(data: Any, index: int | None) -> Callable[[], np.ndarray]:
-    return lambda: np.asarray(data if index is None else data[index])
+def _layer_pair(noisy: Any, clean: Any, index: int | None, roi: Any) -> Callable[[], tuple]:
+    def read() -> tuple:
+        n, c = (np.asarray(a if index is None else a[index]) for a in (noisy, clean))
+        return (n, c) if roi is None else (n, c, roi)
+    return read
 
 
 def layers_data(noisy: Image | None, clean: Image | None, first: int, regions: Any, n_val: int) -> TrainingData:
@@ -198,14 +201,9 @@ def layers_data(noisy: Image | None, clean: Image | None, first: int, regions: A
     for i in indices:
         for j, roi in enumerate(rois):
             name = noisy.name + ("" if i is None else f" #{i}") + ("" if roi is None else f" region {j + 1}")
-            read_noisy, read_clean = _reader(noisy.data, i), _reader(clean.data, i)
-            items.append((name, _pair_reader(read_noisy, read_clean, roi)))
+            items.append((name, _layer_pair(noisy.data, clean.data, i, roi)))
     source = f"layers '{noisy.name}' (noisy) and '{clean.name}' (clean)"
     return TrainingData(items, _check_val(n_val, len(items)), source)
-
-
-def _pair_reader(noisy: Callable, clean: Callable, roi: Any) -> Callable[[], tuple]:
-    return lambda: (noisy(), clean()) if roi is None else (noisy(), clean(), roi)
 
 
 def file_data(path: Path | None, first: int, n_val: int) -> TrainingData:
@@ -262,17 +260,17 @@ class FinetuneWidget(Container):
         self.viewer = napari_viewer
         self.source = RadioButtons(choices=[LAYERS, FILE], value=LAYERS, label="Training data",
                                    orientation="horizontal")
-        self.noisy = ComboBox(label="Noisy", choices=self._image_layers)
-        self.clean = ComboBox(label="Clean", choices=self._image_layers)
+        self.noisy = compact(ComboBox(label="Noisy", choices=self._image_layers))
+        self.clean = compact(ComboBox(label="Clean", choices=self._image_layers))
         self.file = FileEdit(mode="r", filter="*.h5 *.hdf5", label="Training file", visible=False)
-        self.first = SpinBox(label="Samples used", value=0, min=0, max=100_000)
-        self.first.native.setSpecialValueText("all")
+        self.first = SpinBox(label="Samples (0: all)", value=0, min=0, max=100_000)
         self.first.tooltip = "Use the first N samples (groups of the file, or the first axis of 4-D layers)."
-        self.regions = ComboBox(label="Regions", choices=self._shapes_layers)
+        self.regions = compact(ComboBox(label="Regions", choices=self._shapes_layers))
         self.regions.tooltip = "Train only inside the rectangles of a Shapes layer (each one is a sample)."
         self.held_out = SpinBox(label="Held out", value=0, min=0, max=100_000)
         self.held_out.tooltip = "The last K samples validate; 0 validates on the training samples."
         self.split = Label(value="", label="Validation")
+        self.split.native.setWordWrap(True)
         self.model = ModelChooser("Base model")
         self.epochs = SpinBox(label="Epochs", value=RECIPE.epochs, min=1, max=100_000)
         self.lr = LineEdit(label="Learning rate", value=f"{RECIPE.lr:g}")
@@ -282,7 +280,7 @@ class FinetuneWidget(Container):
         self.patch_sizes.tooltip = "Height (x width) of the training patches, one sampler per size"
         self.time = SpinBox(label="Time window", value=RECIPE.time, min=1, max=4096)
         self.batch_size = SpinBox(label="Batch size", value=RECIPE.batch_size, min=1, max=4096)
-        self.device = ComboBox(label="Device", choices=device_choices())
+        self.device = compact(ComboBox(label="Device", choices=device_choices()))
         self.fast = CheckBox(text="Fast path (bfloat16)", value=fast_path_default("auto"))
         self.fast.tooltip = FAST_PATH_TIP
         self.start_button = PushButton(text="Start")
