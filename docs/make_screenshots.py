@@ -48,7 +48,7 @@ def demo_model(noisy, clean):
 
 def main() -> None:
     IMAGES.mkdir(exist_ok=True)
-    get_settings().application.gui_notification_level = "none"  # no pop-ups over the pictures
+    get_settings().application.gui_notification_level = "error"  # no pop-ups over the pictures
     viewer = napari.Viewer(title="napari-cnnt")
     viewer.window.resize(1600, 950)
     noisy, clean = viewer.open_sample(PLUGIN, "noisy_clean_pair")

@@ -135,6 +135,19 @@ def test_cancel_stops_within_one_batch_and_adds_nothing(make_napari_viewer, qtbo
     assert not progress._all_instances
 
 
+def test_closing_the_widget_cancels_its_run(make_napari_viewer, qtbot, tiny_model):
+    viewer, _, widget = _ready(make_napari_viewer, tiny_model, stack((8, 64, 64)), name="long")
+    widget.auto_tiles.value = False
+    widget.tile.values, widget.overlap.values = (4, 16, 16), (1, 4, 4)
+    widget.batch_size.value = 1
+    click(qtbot, widget.run_button)
+    job = widget.run.job
+    qtbot.waitUntil(lambda: widget.progress.bar.value > 0, timeout=20_000)
+    viewer.window.remove_dock_widget(widget.native)
+    assert job.wait(5) and job.stop_event.is_set()
+    assert [lay.name for lay in viewer.layers] == ["long"]
+
+
 def test_error_without_an_image_layer(make_napari_viewer, qtbot, tiny_model, notes):
     viewer = make_napari_viewer()
     viewer.add_points(np.zeros((1, 2)))
