@@ -114,6 +114,7 @@ def test_stop_keeps_the_best_weights_and_the_gui_stays_responsive(make_napari_vi
     ticks = []
     timer = QTimer()
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    finetune_widget.WARM_UP.join(30)  # a user chooses settings while the widget loads torch's optimizers
     qtbot.wait(500)  # let the new window finish its first paints
     click(qtbot, widget.start_button)
     timer.start(10)

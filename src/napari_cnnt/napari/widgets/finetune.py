@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,6 +254,16 @@ class FinetuneResult:
 
 
 # ----------------------------------------------------------------------------- the widget
+def _load_optimizer_machinery() -> None:
+    import torch._dynamo  # noqa: F401
+
+
+# torch's optimizers import torch._dynamo on first use, which holds the GIL for a
+# few hundred milliseconds; loading it when the widget opens keeps that pause out
+# of the first training run.
+WARM_UP = threading.Thread(target=_load_optimizer_machinery, name="napari-cnnt warm-up", daemon=True)
+
+
 class FinetuneWidget(Container):
     """Fine-tune a CNNT model on noisy/clean pairs, without blocking napari."""
 
@@ -324,6 +335,8 @@ class FinetuneWidget(Container):
         self.native.destroyed.connect(self._close_jobs)
         self._pick_pair()
         self._source_changed()
+        if WARM_UP.ident is None:  # not started yet
+            WARM_UP.start()
 
     # ------------------------------------------------------------------ choices
     def _image_layers(self, _widget: Any = None) -> list[tuple[str, Image]]:
