@@ -1,0 +1,176 @@
+"""Pieces both widgets use: the model chooser, device choices, progress, messages."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton
+from napari.utils import progress as napari_progress
+from napari.utils.notifications import show_error
+from qtpy.QtWidgets import QComboBox, QFileDialog
+
+from ...model.checkpoint import CheckpointError
+from ...runtime import fast_path_supported, resolve_device
+from .models import MODELS, ModelEntry, add_file
+
+MODEL_FILES = "CNNT models (*.safetensors *.pt *.pth);;All files (*)"
+
+
+# ----------------------------------------------------------------------------- messages
+def sentence(text: str) -> str:
+    text = str(text).strip()
+    if not text:
+        return text
+    text = text[0].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(error).lower()
+
+
+def explain(error: BaseException, action: str, memory_hint: str) -> str:
+    """A sentence for the user about why ``action`` (e.g. "Denoising") failed."""
+    if is_out_of_memory(error):
+        return f"{action} ran out of memory. {memory_hint}"
+    if isinstance(error, CheckpointError):
+        return sentence(f"This model cannot be used: {error}")
+    if isinstance(error, (ValueError, TypeError, OSError, ArithmeticError)):
+        return sentence(f"{action} failed: {error}")
+    return sentence(f"{action} failed unexpectedly ({type(error).__name__}: {error})")
+
+
+def shape_text(shape: Any) -> str:
+    return " x ".join(str(int(n)) for n in shape)
+
+
+def clock(seconds: float) -> str:
+    seconds = int(round(max(seconds, 0)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def compact(combo: ComboBox, chars: int = 14) -> ComboBox:
+    """Keep long layer or model names from widening the dock and squeezing napari's canvas."""
+    combo.native.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.native.setMinimumContentsLength(chars)
+    return combo
+
+
+# ----------------------------------------------------------------------------- devices
+def device_choices() -> list[tuple[str, str]]:
+    """Automatic, the CPU, and every GPU torch can see."""
+    choices = [("Automatic", "auto"), ("CPU", "cpu")]
+    for i in range(torch.cuda.device_count()):
+        choices.append((f"GPU {i}: {torch.cuda.get_device_name(i)}", f"cuda:{i}"))
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        choices.append(("Apple GPU (MPS)", "mps"))
+    return choices
+
+
+def fast_path_default(device: str) -> bool:
+    """Whether the bfloat16 fast path pays off on ``device``."""
+    try:
+        return fast_path_supported(resolve_device(device))
+    except ValueError:
+        return False
+
+
+FAST_PATH_TIP = (
+    "bfloat16 arithmetic: several times faster on GPUs and on CPUs with AVX512-BF16 or AMX, "
+    "slightly less exact; on other CPUs it is slower."
+)
+
+
+# ----------------------------------------------------------------------------- model chooser
+class ModelChooser(Container):
+    """The session's models (see ``models.MODELS``) and a button to open a model file."""
+
+    def __init__(self, label: str = "Model"):
+        self.combo = compact(ComboBox(choices=self._choices, label=label))
+        self.open_button = PushButton(text="Open file...")
+        self.open_button.tooltip = "A napari-cnnt model, or a reference checkpoint (.pt) with its JSON"
+        super().__init__(widgets=[self.combo, self.open_button], layout="horizontal", labels=False, label=label)
+        self.margins = (0, 0, 0, 0)
+        self.open_button.changed.connect(self._open_file)
+        for signal in (MODELS.events.inserted, MODELS.events.removed, MODELS.events.changed):
+            signal.connect(self.combo.reset_choices)
+
+    @property
+    def entry(self) -> ModelEntry | None:
+        return self.combo.value
+
+    @entry.setter
+    def entry(self, entry: ModelEntry) -> None:
+        self.combo.reset_choices()
+        self.combo.value = entry
+
+    def _choices(self, _widget: Any = None) -> list[tuple[str, ModelEntry]]:
+        return [(e.name, e) for e in MODELS]
+
+    def detach(self) -> None:
+        for signal in (MODELS.events.inserted, MODELS.events.removed, MODELS.events.changed):
+            signal.disconnect(self.combo.reset_choices, missing_ok=True)
+
+    def _open_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self.native, "Open a CNNT model", "", MODEL_FILES)
+        if not path:
+            return
+        config = None
+        if Path(path).suffix.lower() in (".pt", ".pth") and not Path(path).with_suffix(".json").is_file():
+            config, _ = QFileDialog.getOpenFileName(
+                self.native, f"Choose the run configuration (JSON) of {Path(path).name}",
+                str(Path(path).parent), "JSON (*.json)",
+            )
+            if not config:
+                return
+        try:
+            self.entry = add_file(path, config or None)
+        except CheckpointError as e:
+            show_error(sentence(f"This model file cannot be used: {e}"))
+
+
+# ----------------------------------------------------------------------------- progress
+class ProgressDisplay:
+    """A progress bar and a status line in the widget, mirrored in napari's activity panel."""
+
+    def __init__(self):
+        self.bar = ProgressBar(value=0, min=0, max=1, label="Progress")
+        self.status = Label(value="", label="")
+        self.status.native.setWordWrap(True)  # long lines must not widen the dock and squeeze the canvas
+        self._activity: napari_progress | None = None
+        self._started = time.monotonic()
+        self._description = ""
+
+    def start(self, description: str) -> None:
+        self.finish("")
+        self._started = time.monotonic()
+        self._description = description
+        self.bar.max, self.bar.value = 1, 0
+        self.status.value = f"{description}: starting..."
+
+    def update(self, done: int, total: int, what: str) -> None:
+        if self._activity is None:
+            self._activity = napari_progress(total=total, desc=self._description)
+        self._activity.update(done - self._activity.n)
+        self.bar.max, self.bar.value = max(total, 1), done
+        elapsed = time.monotonic() - self._started
+        text = f"{what}\n{clock(elapsed)} elapsed"
+        if 0 < done < total:
+            text += f", about {clock(elapsed * (total - done) / done)} left"
+        self.status.value = text
+
+    def finish(self, message: str) -> None:
+        if self._activity is not None:
+            self._activity.close()
+            self._activity = None
+        self.status.value = message
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._started

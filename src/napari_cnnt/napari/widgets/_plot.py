@@ -1,0 +1,89 @@
+"""A small live chart of training and validation loss and validation PSNR per epoch.
+
+Drawn with QPainter so that the plugin needs no plotting library: losses
+share the left axis, PSNR (dB) has its own on the right.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from qtpy.QtCore import QPointF, QRectF, Qt
+from qtpy.QtGui import QColor, QPainter, QPen
+from qtpy.QtWidgets import QSizePolicy, QWidget
+
+SERIES = (  # (history column, legend, colour, right axis)
+    ("train_loss", "train loss", "#4e9ff5", False),
+    ("val_loss", "validation loss", "#f5a142", False),
+    ("val_psnr", "validation PSNR (dB)", "#5fd35f", True),
+)
+
+
+def _range(values: Sequence[float]) -> tuple[float, float]:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return 0.0, 1.0
+    lo, hi = min(finite), max(finite)
+    pad = (hi - lo) * 0.1 or abs(hi) * 0.1 or 1.0
+    return lo - pad, hi + pad
+
+
+class LossPlot(QWidget):
+    """Call :meth:`set_records` with the history records (dicts with ``COLUMNS`` keys)."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.records: list[dict[str, float]] = []
+        self.epochs = 1
+        self.setMinimumHeight(160)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+
+    def set_records(self, records: Sequence[dict[str, float]], epochs: int | None = None) -> None:
+        self.records = list(records)
+        if epochs is not None:
+            self.epochs = max(1, int(epochs))
+        self.update()
+
+    def paintEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        p = QPainter(self)
+        p.setRenderHint(QPainter.RenderHint.Antialiasing)
+        text = self.palette().windowText().color()
+        fm = p.fontMetrics()
+        plot = QRectF(self.rect()).adjusted(48, 8 + 2 * fm.height(), -48, -fm.height() - 8)
+        p.setPen(QPen(text, 1))
+        p.drawRect(plot)
+        n = max(self.epochs, len(self.records), 1)
+        x_of = (lambda e: plot.left() + plot.width() * (e - 1) / (n - 1)) if n > 1 else (lambda e: plot.center().x())
+        p.drawText(QRectF(plot.left(), plot.bottom() + 2, plot.width(), fm.height()),
+                   Qt.AlignmentFlag.AlignCenter, f"epoch (of {n})")
+        ranges = {
+            False: _range([r[k] for r in self.records for k, _, _, right in SERIES if not right]),
+            True: _range([r["val_psnr"] for r in self.records]),
+        }
+        for right, (lo, hi) in ranges.items():
+            x = plot.right() + 4 if right else 0
+            align = Qt.AlignmentFlag.AlignLeft if right else Qt.AlignmentFlag.AlignRight
+            for value, y in ((hi, plot.top()), (lo, plot.bottom() - fm.height())):
+                p.drawText(QRectF(x, y, 44, fm.height()), align | Qt.AlignmentFlag.AlignVCenter, f"{value:.3g}")
+        legend_x = plot.left()
+        for i, (key, name, colour, right) in enumerate(SERIES):
+            lo, hi = ranges[right]
+            pen = QPen(QColor(colour), 2)
+            p.setPen(pen)
+            row = i // 2
+            x0 = legend_x if i % 2 == 0 else plot.left() + plot.width() / 2
+            y0 = 4 + row * fm.height() + fm.height() / 2
+            p.drawLine(QPointF(x0, y0), QPointF(x0 + 14, y0))
+            p.setPen(QPen(text))
+            p.drawText(QPointF(x0 + 18, y0 + fm.ascent() / 2 - 1), name)
+            p.setPen(pen)
+            points = [
+                QPointF(x_of(r["epoch"]), plot.bottom() - plot.height() * (r[key] - lo) / (hi - lo))
+                for r in self.records if math.isfinite(r[key])
+            ]
+            for a, b in zip(points, points[1:]):
+                p.drawLine(a, b)
+            for pt in points:
+                p.drawEllipse(pt, 2.5, 2.5)
+        p.end()

@@ -1,0 +1,560 @@
+"""The fine-tune widget: adapt a model to a few noisy/clean pairs, watching the losses.
+
+Training data are two image layers (or a CNNT HDF5 training file); the first
+N samples are used, optionally only inside rectangles of a Shapes layer, and
+the last K of them are held out for validation. :func:`napari_cnnt.finetune`
+runs on a worker thread; the result joins the session's models at once and
+can be saved or used to denoise the noisy layer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, PushButton, RadioButtons, SpinBox,
+)
+from napari.layers import Image, Shapes
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import QFileDialog
+
+from ...io import ImageFileError
+from ...io.hdf5 import read_training_pairs
+from ...losses import LOSSES
+from ...model.checkpoint import CheckpointError, save_model
+from ...runtime import Runtime
+from ...training.api import finetune
+from ...training.data import h5_keys
+from ...training.history import Progress
+from ...training.trainer import TrainSettings
+from ._common import (
+    FAST_PATH_TIP, ModelChooser, ProgressDisplay, compact, device_choices, explain, fast_path_default, sentence,
+    shape_text,
+)
+from ._jobs import Job, Outcome
+from ._plot import LossPlot
+from .denoise import DenoiseRequest, DenoiseRun, UserError
+from .models import ModelEntry, add_model
+
+if TYPE_CHECKING:
+    import napari
+
+LAYERS, FILE = "Image layers", "HDF5 training file"
+WHOLE = "whole images"
+MEMORY_HINT = "Try a smaller batch size, smaller patches or a shorter time window."
+RECIPE = TrainSettings()  # the reference's fine-tuning recipe
+
+
+# ----------------------------------------------------------------------------- parsing
+def parse_losses(text: str) -> tuple[list[str], list[float]]:
+    """``"ssim 1.0, mse 0.1"`` -> ``(["ssim", "mse"], [1.0, 0.1])``; a missing weight is 1."""
+    names, weights = [], []
+    lookup = {k.lower(): k for k in LOSSES}
+    for part in filter(None, (p.strip() for p in text.replace(";", ",").split(","))):
+        words = part.replace("*", " ").split()
+        try:
+            name, weight = words[0], float(words[1]) if len(words) > 1 else 1.0
+            if len(words) > 2 or name.lower() not in lookup:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise UserError(
+                f"'{part}' is not a loss: write name and weight pairs separated by commas, e.g. "
+                f"'ssim 1.0, mse 0.1'; the losses are {', '.join(LOSSES)}."
+            ) from None
+        names.append(lookup[name.lower()])
+        weights.append(weight)
+    if not names:
+        raise UserError("Give at least one loss, e.g. 'ssim 1.0, mse 0.1'.")
+    return names, weights
+
+
+def parse_patch_sizes(text: str) -> list[tuple[int, int]]:
+    """``"128, 160"`` or ``"128x96"`` -> ``[(128, 128), (160, 160)]`` / ``[(128, 96)]``."""
+    sizes = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        match = re.fullmatch(r"(\d+)\s*(?:[x\u00d7]\s*(\d+))?", part.lower())
+        if match is None or int(match[1]) < 1 or int(match[2] or match[1]) < 1:
+            raise UserError(
+                f"'{part}' is not a patch size: write sizes in pixels separated by commas, e.g. '128, 160' "
+                "or '128x96'."
+            )
+        sizes.append((int(match[1]), int(match[2] or match[1])))
+    if not sizes:
+        raise UserError("Give at least one patch size, e.g. '128, 160'.")
+    return sizes
+
+
+def parse_learning_rate(text: str) -> float:
+    try:
+        lr = float(text)
+        if not 0 < lr < 1:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"The learning rate must be a number between 0 and 1, e.g. 2.5e-5; got '{text}'.") from None
+    return lr
+
+
+def _format_losses(names: tuple[str, ...], weights: tuple[float, ...]) -> str:
+    return ", ".join(f"{n} {w:g}" for n, w in zip(names, weights))
+
+
+def _format_patches(sizes: tuple[tuple[int, int], ...]) -> str:
+    return ", ".join(str(h) if h == w else f"{h}x{w}" for h, w in sizes)
+
+
+# ----------------------------------------------------------------------------- training data
+@dataclass
+class TrainingData:
+    """The samples chosen in the widget, read into memory only on the worker thread.
+
+    Each item of ``items`` is ``(name, read)`` where ``read()`` returns
+    ``(noisy, clean)`` or ``(noisy, clean, roi)``; the last ``n_val`` validate.
+    """
+
+    items: list[tuple[str, Callable[[], tuple]]]
+    n_val: int
+    source: str
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.items]
+
+    def split_text(self) -> str:
+        names, k = self.names(), self.n_val
+        if not names:
+            return "No training samples."
+        if k == 0:
+            return f"{_count(len(names))} train and also validate, so the validation loss is optimistic."
+        return f"Training on {_list(names[:-k])}; validating on {_list(names[-k:])}."
+
+    def load(self) -> tuple[list[tuple], list[tuple]]:
+        pairs = [read() for _, read in self.items]
+        if self.n_val == 0:
+            return pairs, pairs
+        return pairs[: -self.n_val], pairs[-self.n_val:]
+
+
+def _count(n: int) -> str:
+    return "1 sample" if n == 1 else f"All {n} samples"
+
+
+def _list(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def layer_rois(shapes: Shapes, image: Image) -> list[tuple[int, int, int, int]]:
+    """The bounding boxes ``(top, left, bottom, right)`` of the shapes, in the image's pixels."""
+    s_scale, s_shift = np.asarray(shapes.scale)[-2:], np.asarray(shapes.translate)[-2:]
+    i_scale, i_shift = np.asarray(image.scale)[-2:], np.asarray(image.translate)[-2:]
+    height, width = image.data.shape[-2:]
+    rois = []
+    for vertices in shapes.data:
+        yx = (np.asarray(vertices)[:, -2:] * s_scale + s_shift - i_shift) / i_scale
+        top, left = np.floor(yx.min(axis=0)).astype(int)
+        bottom, right = np.ceil(yx.max(axis=0)).astype(int)
+        top, left, bottom, right = max(top, 0), max(left, 0), min(bottom, height), min(right, width)
+        if bottom > top and right > left:
+            rois.append((int(top), int(left), int(bottom), int(right)))
+    return rois
+
+
+def _layer_pair(noisy: Any, clean: Any, index: int | None, roi: Any) -> Callable[[], tuple]:
+    def read() -> tuple:
+        n, c = (np.asarray(a if index is None else a[index]) for a in (noisy, clean))
+        return (n, c) if roi is None else (n, c, roi)
+    return read
+
+
+def layers_data(noisy: Image | None, clean: Image | None, first: int, regions: Any, n_val: int) -> TrainingData:
+    """Samples from a noisy and a clean layer: ``[T, Y, X]`` (one sample) or ``[S, T, Y, X]``."""
+    if noisy is None or clean is None:
+        raise UserError("Choose a noisy and a clean image layer (open the sample data to try it out).")
+    if noisy is clean:
+        raise UserError(f"The noisy and the clean layer are both '{noisy.name}': choose two different layers.")
+    for layer in (noisy, clean):
+        if layer.rgb or layer.multiscale or not 2 <= layer.ndim <= 4:
+            raise UserError(
+                f"'{layer.name}' cannot be used for training: it must be a single-channel [T, Y, X] stack, "
+                "or [samples, T, Y, X]."
+            )
+    if tuple(noisy.data.shape) != tuple(clean.data.shape):
+        raise UserError(
+            f"The noisy and clean layers must have the same shape: '{noisy.name}' is "
+            f"{shape_text(noisy.data.shape)}, '{clean.name}' is {shape_text(clean.data.shape)}."
+        )
+    indices = [None] if noisy.ndim < 4 else list(range(noisy.data.shape[0]))
+    if first > 0:
+        indices = indices[:first]
+    rois: list[Any] = [None]
+    if isinstance(regions, Shapes):
+        rois = layer_rois(regions, noisy)
+        if not rois:
+            raise UserError(f"No shape in '{regions.name}' lies on '{noisy.name}': draw rectangles on the image.")
+    items = []
+    for i in indices:
+        for j, roi in enumerate(rois):
+            name = noisy.name + ("" if i is None else f" #{i}") + ("" if roi is None else f" region {j + 1}")
+            items.append((name, _layer_pair(noisy.data, clean.data, i, roi)))
+    source = f"layers '{noisy.name}' (noisy) and '{clean.name}' (clean)"
+    return TrainingData(items, _check_val(n_val, len(items)), source)
+
+
+def file_data(path: Path | None, first: int, n_val: int) -> TrainingData:
+    """Samples from the groups of a CNNT HDF5 training file, in file order."""
+    if path is None or not Path(path).is_file():
+        raise UserError("Choose a CNNT HDF5 training file (one group per sample, with noisy_im and clean_im).")
+    try:
+        keys = h5_keys(path)
+    except (ImageFileError, OSError) as e:
+        raise UserError(sentence(f"This training file cannot be used: {e}")) from None
+    if first > 0:
+        keys = keys[:first]
+    items = [(f"{Path(path).name}:{k}", _h5_reader(path, k)) for k in keys]
+    return TrainingData(items, _check_val(n_val, len(items)), f"file {Path(path).name}")
+
+
+def _h5_reader(path: Path, key: str) -> Callable[[], tuple]:
+    def read() -> tuple:
+        pairs = read_training_pairs(path)
+        try:
+            noisy, clean = next((n, c) for name, n, c in pairs if name == key)
+            return noisy[()], clean[()]
+        finally:
+            pairs[0][1].file.close()
+    return read
+
+
+def _check_val(n_val: int, n: int) -> int:
+    if n > 0 and n_val >= n:
+        raise UserError(
+            f"Only {n} sample(s) are in use, so at most {n - 1} can be held out for validation "
+            "(0 validates on the training samples)."
+        )
+    return n_val
+
+
+def default_held_out(n: int) -> int:
+    """A fifth of the samples (at least one) validate; a single sample validates itself."""
+    return max(1, round(n / 5)) if n >= 2 else 0
+
+
+@dataclass
+class FinetuneResult:
+    entry: ModelEntry
+    history: Any
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- the widget
+def _load_optimizer_machinery() -> None:
+    import torch._dynamo  # noqa: F401
+
+
+# torch's optimizers import torch._dynamo on first use, which holds the GIL for a
+# few hundred milliseconds; loading it when the widget opens keeps that pause out
+# of the first training run.
+WARM_UP = threading.Thread(target=_load_optimizer_machinery, name="napari-cnnt warm-up", daemon=True)
+
+
+class FinetuneWidget(Container):
+    """Fine-tune a CNNT model on noisy/clean pairs, without blocking napari."""
+
+    def __init__(self, napari_viewer: napari.Viewer):
+        self.viewer = napari_viewer
+        self.source = RadioButtons(choices=[LAYERS, FILE], value=LAYERS, label="Training data",
+                                   orientation="horizontal")
+        self.noisy = compact(ComboBox(label="Noisy", choices=self._image_layers))
+        self.clean = compact(ComboBox(label="Clean", choices=self._image_layers))
+        self.file = FileEdit(mode="r", filter="*.h5 *.hdf5", label="Training file", visible=False)
+        self.first = SpinBox(label="Samples (0: all)", value=0, min=0, max=100_000)
+        self.first.tooltip = "Use the first N samples (groups of the file, or the first axis of 4-D layers)."
+        self.regions = compact(ComboBox(label="Regions", choices=self._shapes_layers))
+        self.regions.tooltip = "Train only inside the rectangles of a Shapes layer (each one is a sample)."
+        self.held_out = SpinBox(label="Held out", value=0, min=0, max=100_000)
+        self.held_out.tooltip = "The last K samples validate; 0 validates on the training samples."
+        self.split = Label(value="", label="Validation")
+        self.split.native.setWordWrap(True)
+        self.model = ModelChooser("Base model")
+        self.epochs = SpinBox(label="Epochs", value=RECIPE.epochs, min=1, max=100_000)
+        self.lr = LineEdit(label="Learning rate", value=f"{RECIPE.lr:g}")
+        self.losses = LineEdit(label="Losses", value=_format_losses(RECIPE.loss, RECIPE.loss_weights))
+        self.losses.tooltip = f"Name and weight pairs; losses: {', '.join(LOSSES)}"
+        self.patch_sizes = LineEdit(label="Patch sizes", value=_format_patches(RECIPE.patch_sizes))
+        self.patch_sizes.tooltip = "Height (x width) of the training patches, one sampler per size"
+        self.time = SpinBox(label="Time window", value=RECIPE.time, min=1, max=4096)
+        self.batch_size = SpinBox(label="Batch size", value=RECIPE.batch_size, min=1, max=4096)
+        self.device = compact(ComboBox(label="Device", choices=device_choices()))
+        self.fast = CheckBox(text="Fast path (bfloat16)", value=fast_path_default("auto"))
+        self.fast.tooltip = FAST_PATH_TIP
+        self.start_button = PushButton(text="Start")
+        self.stop_button = PushButton(text="Stop", enabled=False)
+        self.stop_button.tooltip = "Stop after the current step; the best weights so far are kept."
+        self.progress = ProgressDisplay()
+        self.save_button = PushButton(text="Save model...", enabled=False)
+        self.denoise_button = PushButton(text="Denoise the noisy layer", enabled=False)
+        row = Container(widgets=[self.start_button, self.stop_button], layout="horizontal", labels=False)
+        after = Container(widgets=[self.save_button, self.denoise_button], layout="horizontal", labels=False)
+        row.margins = after.margins = (0, 0, 0, 0)
+        super().__init__(widgets=[
+            self.source, self.noisy, self.clean, self.file, self.first, self.regions, self.held_out, self.split,
+            self.model, self.epochs, self.lr, self.losses, self.patch_sizes, self.time, self.batch_size,
+            self.device, self.fast, row, self.progress.bar, self.progress.status,
+        ])
+        self.plot = LossPlot()
+        self.native.layout().addWidget(self.plot)
+        self.append(after)
+
+        self.job: Job | None = None
+        self.denoising: DenoiseRun | None = None
+        self.result: FinetuneResult | None = None
+        self.records: list[dict[str, float]] = []
+        self._run_info: dict[str, Any] = {}
+        self._watched: Shapes | None = None
+        self._n_samples = -1
+
+        self.source.changed.connect(self._source_changed)
+        for w in (self.noisy, self.clean, self.file, self.first, self.regions, self.held_out):
+            w.changed.connect(self._update_split)
+        self.device.changed.connect(lambda device: setattr(self.fast, "value", fast_path_default(device)))
+        self.start_button.changed.connect(self.start)
+        self.stop_button.changed.connect(self.stop)
+        self.save_button.changed.connect(self.save)
+        self.denoise_button.changed.connect(self.denoise_noisy)
+        events = self.viewer.layers.events
+        for event in (events.inserted, events.removed, events.reordered, events.renamed):
+            event.connect(self.reset_choices)
+        self.native_parent_changed.connect(self._parent_changed)
+        self.native.destroyed.connect(self._close_jobs)
+        self._pick_pair()
+        self._source_changed()
+        if WARM_UP.ident is None:  # not started yet
+            WARM_UP.start()
+
+    # ------------------------------------------------------------------ choices
+    def _image_layers(self, _widget: Any = None) -> list[tuple[str, Image]]:
+        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _shapes_layers(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        shapes = [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Shapes)]
+        return [(WHOLE, WHOLE)] + shapes
+
+    def _pick_pair(self) -> None:
+        """Preselect layers whose names or roles say noisy and clean, else two different layers."""
+        layers = [layer for _, layer in self._image_layers()]
+        for widget, role in ((self.noisy, "noisy"), (self.clean, "clean")):
+            for layer in layers:
+                if layer.metadata.get("role") == role or role in layer.name.lower():
+                    widget.value = layer
+                    break
+        if self.noisy.value is self.clean.value and len(layers) > 1:
+            self.clean.value = next(layer for layer in layers if layer is not self.noisy.value)
+
+    def reset_choices(self, *_: Any) -> None:
+        had = (self.noisy.value, self.clean.value)
+        super().reset_choices()
+        if None in had or had[0] is had[1]:
+            self._pick_pair()
+        self._update_split()
+
+    def _source_changed(self, *_: Any) -> None:
+        layers = self.source.value == LAYERS
+        for w in (self.noisy, self.clean, self.regions):
+            w.visible = layers
+        self.file.visible = not layers
+        self._update_split()
+
+    def training_data(self, held_out: int | None = None) -> TrainingData:
+        """The samples the controls describe; raises :class:`UserError`."""
+        k = self.held_out.value if held_out is None else held_out
+        if self.source.value == FILE:
+            value = self.file.value
+            path = Path(value) if value and str(value) not in ("", ".") else None
+            return file_data(path, self.first.value, k)
+        return layers_data(self.noisy.value, self.clean.value, self.first.value, self.regions.value, k)
+
+    def _update_split(self, *_: Any) -> None:
+        """Show which samples train and which validate; a new set of samples gets the usual share held out."""
+        self._watch_regions()
+        try:
+            n = len(self.training_data(held_out=0).items)
+            if n != self._n_samples:
+                self._n_samples = n
+                with self.held_out.changed.blocked():
+                    self.held_out.value = default_held_out(n)
+            self.split.value = self.training_data().split_text()
+        except UserError as e:
+            self.split.value = str(e)
+
+    def _watch_regions(self) -> None:
+        """Follow the rectangles being drawn in the chosen Shapes layer."""
+        regions = self.regions.value if isinstance(self.regions.value, Shapes) else None
+        if regions is self._watched:
+            return
+        if self._watched is not None:
+            self._watched.events.data.disconnect(self._update_split)
+        if regions is not None:
+            regions.events.data.connect(self._update_split)
+        self._watched = regions
+
+    # ------------------------------------------------------------------ training
+    @property
+    def busy(self) -> bool:
+        return self.job is not None or self.denoising is not None
+
+    def settings(self) -> dict[str, Any]:
+        """``finetune`` keyword arguments from the controls; raises :class:`UserError`."""
+        names, weights = parse_losses(self.losses.value)
+        return {
+            "epochs": self.epochs.value,
+            "lr": parse_learning_rate(self.lr.value),
+            "loss": names,
+            "loss_weights": weights,
+            "patch_sizes": parse_patch_sizes(self.patch_sizes.value),
+            "time": self.time.value,
+            "batch_size": self.batch_size.value,
+        }
+
+    def start(self, *_: Any) -> None:
+        if self.busy:
+            return
+        try:
+            data = self.training_data()
+            if not data.items:
+                raise UserError("There are no samples to train on.")
+            settings = self.settings()
+            entry = self.model.entry
+            if entry is None:
+                raise UserError("Choose a base model first.")
+            base = entry.load()
+        except (UserError, CheckpointError) as e:
+            show_error(sentence(str(e)))
+            return
+        device, fast = self.device.value, self.fast.value
+
+        def task(report: Callable[[Any], None], stop: Any) -> Any:
+            train, val = data.load()
+            return finetune(base, train, val_pairs=val, device=device, fast=fast, callback=report, stop=stop,
+                            **settings)
+
+        self.records = []
+        self.plot.set_records([], settings["epochs"])
+        self._run_info = {"entry": entry, "data": data, "settings": settings}
+        self.job = Job(task, on_report=self._report, on_end=self._ended, keep=lambda p: p.event == "epoch")
+        self._set_busy(True)
+        self.progress.start(f"Fine-tuning '{entry.name}'")
+        self.job.start()
+
+    def stop(self, *_: Any) -> None:
+        if self.job is not None:
+            self.progress.status.value = "Stopping after this step; the best weights so far are kept..."
+            self.job.stop()
+        elif self.denoising is not None:
+            self.denoising.cancel()
+
+    def _report(self, p: Progress) -> None:
+        done, total = (p.epoch - 1) * p.steps + p.step, p.epochs * p.steps
+        self.progress.update(done, total, f"epoch {p.epoch} of {p.epochs}, step {p.step} of {p.steps}, "
+                                          f"loss {p.loss:.4g}")
+        if p.event == "epoch" and p.record is not None:
+            self.records.append(dict(p.record))
+            self.plot.set_records(self.records, p.epochs)
+
+    def _ended(self, outcome: Outcome) -> None:
+        self.job = None
+        info = self._run_info
+        if outcome.error is not None:
+            self.progress.finish("Failed.")
+            show_error(explain(outcome.error, "Fine-tuning", MEMORY_HINT))
+        else:
+            model, history = outcome.value
+            data: TrainingData = info["data"]
+            entry = add_model(model, f"{info['entry'].name} fine-tuned on {data.names()[0].split(':')[0]}")
+            provenance = {
+                "training_source": data.source,
+                "fine_tuning": {k: v for k, v in info["settings"].items()},
+            }
+            self.result = FinetuneResult(entry, history, provenance)
+            message = _summary(history, info["settings"]["epochs"])
+            self.progress.finish(message)
+            show_info(f"{message} '{entry.name}' is now in the Denoise widget's model list.")
+        self._set_busy(False)
+
+    def _set_busy(self, busy: bool) -> None:
+        self.start_button.enabled = not busy
+        self.stop_button.enabled = busy
+        self.save_button.enabled = self.denoise_button.enabled = not busy and self.result is not None
+
+    # ------------------------------------------------------------------ the result
+    def save(self, *_: Any, path: str | os.PathLike | None = None) -> Path | None:
+        """Save the fine-tuned model (napari-cnnt format with provenance), asking where if no ``path``."""
+        if self.result is None:
+            return None
+        if path is None:
+            default = self.result.entry.name.replace(" ", "_").replace("'", "") + ".safetensors"
+            path, _ = QFileDialog.getSaveFileName(self.native, "Save the fine-tuned model", default,
+                                                  "napari-cnnt model (*.safetensors)")
+            if not path:
+                return None
+        path = Path(path)
+        if path.suffix.lower() != ".safetensors":
+            path = path.with_name(path.name + ".safetensors")
+        try:
+            save_model(self.result.entry.model, path, **self.result.provenance)
+        except (OSError, TypeError, ValueError) as e:
+            show_error(sentence(f"The model could not be saved to {path}: {e}"))
+            return None
+        self.result.entry.path = path
+        show_info(f"Saved the model to {path}.")
+        return path
+
+    def denoise_noisy(self, *_: Any) -> None:
+        """Denoise the noisy layer with the fine-tuned model, automatic tiles."""
+        if self.result is None or self.busy:
+            return
+        layer = self.noisy.value
+        if layer is None:
+            show_error("Choose the noisy layer to denoise first.")
+            return
+        try:
+            request = DenoiseRequest(layer, self.result.entry.model, self.result.entry.name,
+                                     time_axis=0 if layer.ndim >= 3 else None,
+                                     runtime=Runtime.create(self.device.value, self.fast.value))
+        except (UserError, ValueError) as e:
+            show_error(sentence(str(e)))
+            return
+        self.denoising = DenoiseRun(self.viewer, request, self.progress, self._denoised)
+        self._set_busy(True)
+        self.denoising.start()
+
+    def _denoised(self, _layer: Image | None) -> None:
+        self.denoising = None
+        self._set_busy(False)
+
+    # ------------------------------------------------------------------ closing
+    def _parent_changed(self, parent: Any) -> None:
+        if parent is None:  # napari took the widget out of its dock: it was closed
+            self._close_jobs()
+
+    def _close_jobs(self, *_: Any) -> None:
+        for job in (self.job, self.denoising.job if self.denoising else None):
+            if job is not None:
+                job.close()
+        self.job = self.denoising = None
+        self.model.detach()
+
+
+def _summary(history: Any, epochs: int) -> str:
+    kept = "the starting weights" if history.best_epoch == 0 else f"epoch {history.best_epoch}"
+    psnr = history.best.get("val_psnr")
+    quality = f" (validation PSNR {psnr:.1f} dB)" if psnr is not None and math.isfinite(psnr) else ""
+    if history.stopped:
+        return f"Stopped after {len(history)} of {epochs} epochs; kept {kept}{quality}."
+    return f"Finished {epochs} epoch{'s' if epochs != 1 else ''}; kept {kept}{quality}."
