@@ -258,3 +258,25 @@ def test_the_readme_script_denoises_a_file_headless(tiny_model, tmp_path, monkey
     (saved,) = read_tiff("cells-denoised.tif")
     np.testing.assert_allclose(saved.data, napari_cnnt.denoise(data, tiny_model), rtol=1e-5, atol=1e-3)
     assert saved.axes == "TYX" and saved.scale[-1] == pytest.approx(0.3)
+
+
+def test_progress_survives_the_run_ending_while_napari_updates_its_bar(qtbot, monkeypatch):
+    """napari's progress bars process pending events, so the end of a run can arrive in the middle of an update."""
+    from napari_cnnt.napari.widgets import _common
+
+    display = _common.ProgressDisplay()
+    made = []
+
+    class EndsTheRun(progress):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+            display.finish("Done.")
+
+    monkeypatch.setattr(_common, "napari_progress", EndsTheRun)
+    display.start("Denoising 'x'")
+    display.update(1, 10, "1 of 10 tiles")
+    assert display.status.value == "Done."
+    assert made and made[0] not in progress._all_instances  # not left open in the activity panel
+    display.update(2, 10, "2 of 10 tiles")
+    assert display.status.value == "Done." and len(made) == 1

@@ -137,39 +137,55 @@ class ModelChooser(Container):
 
 # ----------------------------------------------------------------------------- progress
 class ProgressDisplay:
-    """A progress bar and a status line in the widget, mirrored in napari's activity panel."""
+    """A progress bar and a status line in the widget, mirrored in napari's activity panel.
+
+    napari's progress bars process pending Qt events while they update, so a
+    run can finish (and :meth:`finish` run) in the middle of :meth:`update`;
+    the widget's own display is therefore written first, and napari's bar is
+    closed again if the run ended meanwhile.
+    """
 
     def __init__(self):
         self.bar = ProgressBar(value=0, min=0, max=1, label="Progress")
         self.status = Label(value="", label="")
         self.status.native.setWordWrap(True)  # long lines must not widen the dock and squeeze the canvas
         self._activity: napari_progress | None = None
+        self._running = False
         self._started = time.monotonic()
         self._description = ""
 
     def start(self, description: str) -> None:
         self.finish("")
+        self._running = True
         self._started = time.monotonic()
         self._description = description
         self.bar.max, self.bar.value = 1, 0
         self.status.value = f"{description}: starting..."
 
     def update(self, done: int, total: int, what: str) -> None:
-        if self._activity is None:
-            self._activity = napari_progress(total=total, desc=self._description)
-        self._activity.update(done - self._activity.n)
+        if not self._running:
+            return
         self.bar.max, self.bar.value = max(total, 1), done
         elapsed = time.monotonic() - self._started
         text = f"{what}\n{clock(elapsed)} elapsed"
         if 0 < done < total:
             text += f", about {clock(elapsed * (total - done) / done)} left"
         self.status.value = text
+        activity = self._activity or napari_progress(total=total, desc=self._description)
+        self._activity = activity
+        activity.update(done - activity.n)
+        if not self._running:
+            self._close_activity()
 
     def finish(self, message: str) -> None:
-        if self._activity is not None:
-            self._activity.close()
-            self._activity = None
+        self._running = False
+        self._close_activity()
         self.status.value = message
+
+    def _close_activity(self) -> None:
+        activity, self._activity = self._activity, None
+        if activity is not None:
+            activity.close()
 
     @property
     def elapsed(self) -> float:

@@ -56,7 +56,6 @@ class Job:
         self._keep = keep
         self._interval = interval
         self.stop_event = threading.Event()
-        self._thread: threading.Thread | None = None
         self._ended = threading.Event()
         self.worker = thread_worker(self._pump, start_thread=False)()
         self.worker.yielded.connect(on_report)
@@ -97,8 +96,7 @@ class Job:
                 self._ended.set()
                 reports.put(_DONE)
 
-        self._thread = threading.Thread(target=run, name="napari-cnnt job", daemon=True)
-        self._thread.start()
+        threading.Thread(target=run, name="napari-cnnt job", daemon=True).start()
         pending, last = None, 0.0
         while True:
             try:

@@ -117,10 +117,12 @@ class TrainingData:
 
     Each item of ``items`` is ``(name, read)`` where ``read()`` returns
     ``(noisy, clean)`` or ``(noisy, clean, roi)``; the last ``n_val`` validate.
+    ``title`` names the data in short (for the model's name), ``source`` in full.
     """
 
     items: list[tuple[str, Callable[[], tuple]]]
     n_val: int
+    title: str
     source: str
 
     def names(self) -> list[str]:
@@ -204,7 +206,7 @@ def layers_data(noisy: Image | None, clean: Image | None, first: int, regions: A
             name = noisy.name + ("" if i is None else f" #{i}") + ("" if roi is None else f" region {j + 1}")
             items.append((name, _layer_pair(noisy.data, clean.data, i, roi)))
     source = f"layers '{noisy.name}' (noisy) and '{clean.name}' (clean)"
-    return TrainingData(items, _check_val(n_val, len(items)), source)
+    return TrainingData(items, _check_val(n_val, len(items)), noisy.name, source)
 
 
 def file_data(path: Path | None, first: int, n_val: int) -> TrainingData:
@@ -218,7 +220,7 @@ def file_data(path: Path | None, first: int, n_val: int) -> TrainingData:
     if first > 0:
         keys = keys[:first]
     items = [(f"{Path(path).name}:{k}", _h5_reader(path, k)) for k in keys]
-    return TrainingData(items, _check_val(n_val, len(items)), f"file {Path(path).name}")
+    return TrainingData(items, _check_val(n_val, len(items)), Path(path).name, f"file {Path(path).name}")
 
 
 def _h5_reader(path: Path, key: str) -> Callable[[], tuple]:
@@ -476,11 +478,8 @@ class FinetuneWidget(Container):
         else:
             model, history = outcome.value
             data: TrainingData = info["data"]
-            entry = add_model(model, f"{info['entry'].name} fine-tuned on {data.names()[0].split(':')[0]}")
-            provenance = {
-                "training_source": data.source,
-                "fine_tuning": {k: v for k, v in info["settings"].items()},
-            }
+            entry = add_model(model, f"{info['entry'].name} fine-tuned on {data.title}")
+            provenance = {"training_source": data.source, "fine_tuning": dict(info["settings"])}
             self.result = FinetuneResult(entry, history, provenance)
             message = _summary(history, info["settings"]["epochs"])
             self.progress.finish(message)
