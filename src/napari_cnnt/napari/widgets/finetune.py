@@ -524,7 +524,7 @@ class FinetuneWidget(Container):
             return
         try:
             request = DenoiseRequest(layer, self.result.entry.model, self.result.entry.name,
-                                     time_axis=0 if layer.ndim >= 3 else None,
+                                     time_axis=layer.ndim - 3 if layer.ndim >= 3 else None,  # [(S,) T, Y, X]
                                      runtime=Runtime.create(self.device.value, self.fast.value))
         except (UserError, ValueError) as e:
             show_error(sentence(str(e)))
