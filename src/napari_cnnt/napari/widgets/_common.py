@@ -43,6 +43,13 @@ def explain(error: BaseException, action: str, memory_hint: str) -> str:
     return sentence(f"{action} failed unexpectedly ({type(error).__name__}: {error})")
 
 
+def follow_layer_list(widget: Container, viewer: Any) -> None:
+    """Refresh ``widget``'s layer choosers whenever the layer list changes."""
+    events = viewer.layers.events
+    for event in (events.inserted, events.removed, events.reordered, events.renamed):
+        event.connect(widget.reset_choices)
+
+
 def shape_text(shape: Any) -> str:
     return " x ".join(str(int(n)) for n in shape)
 

@@ -21,7 +21,7 @@ from ...model.checkpoint import CheckpointError
 from ...runtime import Runtime
 from ._common import (
     FAST_PATH_TIP, ModelChooser, ProgressDisplay, clock, compact, device_choices, explain, fast_path_default,
-    sentence,
+    follow_layer_list, sentence,
 )
 from ._jobs import Job, Outcome
 
@@ -247,9 +247,7 @@ class DenoiseWidget(Container):
         self.device.changed.connect(self._device_changed)
         self.run_button.changed.connect(self.start)
         self.cancel_button.changed.connect(self.cancel)
-        events = self.viewer.layers.events
-        for event in (events.inserted, events.removed, events.reordered, events.renamed):
-            event.connect(self.reset_choices)
+        follow_layer_list(self, self.viewer)
         self.native_parent_changed.connect(self._parent_changed)
         self.native.destroyed.connect(self._close_run)
         if isinstance(self.viewer.layers.selection.active, Image):

@@ -37,7 +37,7 @@ from ...training.history import Progress
 from ...training.trainer import TrainSettings
 from ._common import (
     FAST_PATH_TIP, ModelChooser, ProgressDisplay, compact, device_choices, explain, fast_path_default, sentence,
-    shape_text,
+    follow_layer_list, shape_text,
 )
 from ._jobs import Job, Outcome
 from ._plot import LossPlot
@@ -330,9 +330,7 @@ class FinetuneWidget(Container):
         self.stop_button.changed.connect(self.stop)
         self.save_button.changed.connect(self.save)
         self.denoise_button.changed.connect(self.denoise_noisy)
-        events = self.viewer.layers.events
-        for event in (events.inserted, events.removed, events.reordered, events.renamed):
-            event.connect(self.reset_choices)
+        follow_layer_list(self, self.viewer)
         self.native_parent_changed.connect(self._parent_changed)
         self.native.destroyed.connect(self._close_jobs)
         self._pick_pair()
