@@ -194,3 +194,44 @@ def test_demo_without_bundled_model_says_so(capsys, monkeypatch, tmp_path):
     code, stderr = run(capsys, "demo")
     assert code == 1
     assert "no bundled model" in stderr and "--model" in stderr
+
+
+def test_simulate_writes_reproducible_training_pairs(tmp_path, capsys):
+    from napari_cnnt.synthetic import random_recording
+
+    first, again = tmp_path / "a.h5", tmp_path / "b.h5"
+    args = ["--count", "3", "--shape", "4", "32", "24", "--seed", "7", "--structures", "puncta", "membranes"]
+    assert main(["simulate", str(first), *args]) == 0
+    assert main(["simulate", str(again), *args]) == 0
+    pairs = hdf5.read_training_pairs(first)
+    assert [name for name, _, _ in pairs] == ["sample_000", "sample_001", "sample_002"]
+    for i, (_, noisy, clean) in enumerate(pairs):
+        expected_noisy, expected_clean, _ = random_recording((4, 32, 24), seed=7 + i, structures=("puncta", "membranes"))
+        np.testing.assert_array_equal(noisy[()], expected_noisy)
+        np.testing.assert_array_equal(clean[()], expected_clean)
+    for (_, n1, c1), (_, n2, c2) in zip(pairs, hdf5.read_training_pairs(again)):
+        np.testing.assert_array_equal(n1[()], n2[()])
+        np.testing.assert_array_equal(c1[()], c2[()])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["out.tif"], "HDF5"),
+        (["out.h5", "--count", "0"], "--count"),
+        (["out.h5", "--shape", "4", "4", "4"], "--shape"),
+        (["out.h5", "--count", "100000", "--shape", "100", "512", "512"], "GB"),
+    ],
+)
+def test_simulate_refuses_bad_options(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, stderr = run(capsys, "simulate", *args)
+    assert code == 1 and message in stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_simulate_refuses_unknown_structures(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["simulate", str(tmp_path / "x.h5"), "--structures", "mitochondria"])
+    assert e.value.code == 2
+    assert "mitochondria" in capsys.readouterr().err
