@@ -235,3 +235,18 @@ def test_simulate_refuses_unknown_structures(tmp_path, capsys):
         main(["simulate", str(tmp_path / "x.h5"), "--structures", "mitochondria"])
     assert e.value.code == 2
     assert "mitochondria" in capsys.readouterr().err
+
+
+def test_fast_path_can_be_switched_off(tmp_path, capsys, stack, model, model_file):
+    from napari_cnnt.runtime import Runtime
+
+    src = tmp_path / "cells.tif"
+    tiff.write_tiff(src, stack, axes="TYX")
+    results = {}
+    for flag, fast in (("--no-fast", False), ("--fast", True)):
+        dst = tmp_path / f"{flag[2:]}.tif"
+        code, err = run(capsys, "denoise", src, "-o", dst, "--model", model_file, "--device", "cpu", flag)
+        assert code == 0, err
+        results[fast] = tiff.read_tiff(dst)[0].data
+        np.testing.assert_array_equal(results[fast], denoise(stack, model, device=Runtime.create("cpu", fast)))
+    assert not np.array_equal(results[True], results[False])  # the flag chose the arithmetic

@@ -51,3 +51,37 @@ def test_fast_path_close_to_float32(tiny_config):
     assert fast.dtype == torch.float32 and fast.shape == exact.shape
     span = exact.max() - exact.min()
     assert psnr(fast / span, exact / span).item() > 45.0
+
+
+def test_inference_copy_leaves_the_model_alone(tiny_config):
+    model = CNNTDenoiser(tiny_config).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for fast in (False, True):
+        net = Runtime.create("cpu", fast=fast).inference_copy(model)
+        assert not net.training and not any(p.requires_grad for p in net.parameters())
+        assert {p.dtype for p in net.parameters()} == {torch.bfloat16 if fast else torch.float32}
+        assert set(net.state_dict()) == set(before)  # fused weights are not saved with the model
+    assert model.training and all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_float32_inference_copy_is_exact(tiny_config):
+    model = CNNTDenoiser(tiny_config).eval()
+    x = torch.rand(2, 4, 1, 16, 16)
+    rt = Runtime.create("cpu", fast=False)
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(rt.predict(rt.inference_copy(model), x), expected, rtol=0, atol=1e-6)
+
+
+def test_fast_inference_copy_close_to_float32(tiny_config):
+    """bf16 weights and activations stay within 45 dB of float32 on random weights
+    (the bundled model: test_bundled_model.py)."""
+    model = CNNTDenoiser(tiny_config.replace(blocks=(16, 16, 32), height=32, width=32)).eval()
+    x = torch.rand(2, 4, 1, 32, 32)
+    exact = Runtime.create("cpu", fast=False).predict(model, x)
+    fast_rt = Runtime.create("cpu", fast=True)
+    fast = fast_rt.predict(fast_rt.inference_copy(model), x)
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape
+    span = exact.max() - exact.min()
+    assert psnr(fast / span, exact / span).item() > 45.0

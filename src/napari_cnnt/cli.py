@@ -64,6 +64,8 @@ def add_denoise(subparsers: Any) -> None:
     p.add_argument("--time-axis", metavar="N", type=int,
                    help="which axis is time (default: the axis labelled T, or the first of a 3-D stack); "
                         "stacks along other leading axes (positions, channels) are denoised one by one")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 fast path (default: on where the hardware computes bf16 natively)")
     p.set_defaults(run=run_denoise)
 
 
@@ -88,7 +90,7 @@ def run_denoise(args: argparse.Namespace) -> int:
         bar = stack.enter_context(_progress_bar(f"denoising {args.input.name}"))
         denoise(
             image.data, model, tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
-            device=args.device, progress=bar, out=result, time_axis=time_axis,
+            device=_runtime(args), progress=bar, out=result, time_axis=time_axis,
         )
         denoised = Image(result, image.name, image.axes, image.scale, image.unit)
         write_image(output, output_format, denoised)
@@ -105,6 +107,8 @@ def add_demo(subparsers: Any) -> None:
     p.add_argument("--model", type=Path, metavar="PATH", help="model file (default: the bundled model)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' (default: auto)")
     p.add_argument("-o", "--output", type=Path, metavar="PATH", help="also write the denoised stack (TIFF or HDF5)")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 fast path (default: on where the hardware computes bf16 natively)")
     p.set_defaults(run=run_demo)
 
 
@@ -120,7 +124,7 @@ def run_demo(args: argparse.Namespace) -> int:
     noisy, clean = sample_recording()
     start = time.perf_counter()
     with _progress_bar("denoising the sample") as bar:
-        result = denoise(noisy, model, device=args.device, progress=bar)
+        result = denoise(noisy, model, device=_runtime(args), progress=bar)
     seconds = time.perf_counter() - start
     before, after = psnr_db(noisy, clean), psnr_db(result, clean)
     print(f"sample {' x '.join(map(str, noisy.shape))}: PSNR {before:.2f} dB noisy -> {after:.2f} dB denoised "
@@ -176,6 +180,15 @@ def run_simulate(args: argparse.Namespace) -> int:
     write_training_pairs(args.output, pairs)
     print(f"wrote {args.count} recording(s) of {' x '.join(map(str, args.shape))} to {args.output}", file=sys.stderr)
     return 0
+
+
+def _runtime(args: argparse.Namespace) -> Any:
+    from .runtime import Runtime
+
+    try:
+        return Runtime.create(args.device, args.fast)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def psnr_db(image: np.ndarray, truth: np.ndarray) -> float:

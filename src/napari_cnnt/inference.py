@@ -16,7 +16,6 @@ the input, and the tiles in flight, however long the stack is.
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 import itertools
 import math
 import os
@@ -591,7 +590,7 @@ def denoise(
         if progress is not None:
             progress(done, total)
 
-    net = runtime.prepare(copy.deepcopy(net).eval())
+    net = runtime.inference_copy(net)
     with _reader(runtime.device) as reader, torch.inference_mode():
         for lead in leads:
             source = _Stack(data, lead, t_axis)

@@ -9,6 +9,7 @@ hardware bf16 would be emulated and slower, so it stays off unless forced.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import sys
 from dataclasses import dataclass
@@ -98,8 +99,31 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    def inference_copy(self, model: nn.Module) -> nn.Module:
+        """A frozen copy of ``model`` for :meth:`predict`; ``model`` itself is untouched.
+
+        The attention projections are fused once and, on the fast path, every
+        weight is stored in bf16, so no call concatenates or casts weights and
+        no normalisation bounces through float32 as it does under autocast.
+        """
+        net = copy.deepcopy(model).eval().requires_grad_(False)
+        for module in net.modules():
+            fuse = getattr(module, "fuse_projections", None)
+            if callable(fuse):
+                fuse()
+        net = self.prepare(net)
+        if self.fast:
+            net = net.to(torch.bfloat16)
+        return net
+
     def predict(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        """Run ``model`` on a ``[B, T, 1, H, W]`` batch; float32 result on the model's device."""
-        with torch.inference_mode(), self.autocast():
-            y = model(batch.to(self.device, non_blocking=True))
+        """Run ``model`` on a ``[B, T, 1, H, W]`` batch; float32 result on the model's device.
+
+        ``model`` is an :meth:`inference_copy` (bf16 weights run as they are) or
+        a float32 model (run under autocast on the fast path).
+        """
+        dtype = next(model.parameters()).dtype
+        context = self.autocast() if dtype == torch.float32 else contextlib.nullcontext()
+        with torch.inference_mode(), context:
+            y = model(batch.to(self.device, dtype, non_blocking=True))
         return y.float()

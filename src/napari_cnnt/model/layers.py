@@ -44,7 +44,9 @@ class CNNTAttention(nn.Module):
     Queries, keys and values come from convolutions, so the parameter count does
     not grow with the image size. The three projections run as one convolution
     with concatenated weights; they stay separate parameters for checkpoint
-    compatibility.
+    compatibility. :meth:`fuse_projections` stores the concatenation once for
+    inference, where concatenating (and casting) on every call costs more than
+    the attention itself.
     """
 
     def __init__(
@@ -68,12 +70,24 @@ class CNNTAttention(nn.Module):
         self.value = FrameConv(c_in, c_out, kernel_size, padding)
         self.output_proj = FrameConv(c_out, c_out, kernel_size, padding)
         self.attn_drop = nn.Dropout(dropout_p)
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
+
+    def fuse_projections(self) -> None:
+        """Freeze the joint q/k/v weights; later changes to the separate weights are not seen."""
+        convs = (self.query.conv2d, self.key.conv2d, self.value.conv2d)
+        with torch.no_grad():
+            self.qkv_weight = torch.cat([c.weight for c in convs])
+            self.qkv_bias = torch.cat([c.bias for c in convs])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T = x.shape[:2]
-        convs = (self.query.conv2d, self.key.conv2d, self.value.conv2d)
-        weight = torch.cat([c.weight for c in convs])
-        bias = torch.cat([c.bias for c in convs])
+        if self.qkv_weight is not None:
+            weight, bias = self.qkv_weight, self.qkv_bias
+        else:
+            convs = (self.query.conv2d, self.key.conv2d, self.value.conv2d)
+            weight = torch.cat([c.weight for c in convs])
+            bias = torch.cat([c.bias for c in convs])
         qkv = F.conv2d(_frames(x), weight, bias, padding=self.padding)
         C, H, W = qkv.shape[1] // 3, qkv.shape[2], qkv.shape[3]
         nh = self.n_head

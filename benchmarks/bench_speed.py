@@ -1,0 +1,165 @@
+"""How close CNNT gets to this machine's limit: float32 eager versus the fast path.
+
+One run measures, side by side and interleaved (so both variants see the same
+machine state), for the ``small`` and ``reference`` presets:
+
+- the matrix-product peak of this machine in float32 and bfloat16
+  (``torch.mm`` of 2048 x 2048 matrices);
+- inference: the network alone on one ``[1, T, 1, H, W]`` input, float32
+  eager (the model as trained) versus the fast path (``Runtime.inference_copy``:
+  bf16 weights, fused attention projections, channels-last);
+- one training step (forward, float32 ssim + mse loss, backward, clipping,
+  AdamW) of a ``[B, T, 1, h, w]`` batch, float32 versus bf16 autocast;
+- accuracy on the sample data: PSNR against the truth of the whole tiled
+  denoising with the bundled model, float32 versus fast.
+
+It prints megapixel-frames per second, achieved GFLOP/s (forward FLOPs from
+PyTorch's counter; a training step counts three times the forward), the
+fraction of the measured matrix-product peak (float32 variants against the
+float32 peak, fast ones against the bf16 peak) and the ratios. Usage::
+
+    python benchmarks/bench_speed.py [--frames 8] [--size 128] [--batch 2] [--patch 64] [--repeats 3]
+                                     [--threads N] [--presets small reference]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from napari_cnnt.losses import CombinedLoss
+from napari_cnnt.model import CNNTDenoiser, preset
+from napari_cnnt.runtime import Runtime, cpu_has_native_bf16
+
+
+def best_time(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a square matrix product, the best of ``repeats``."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    return 2 * n**3 / best_time(lambda: torch.mm(a, b), repeats) / 1e9
+
+
+def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    times = {k: float("inf") for k in fns}
+    for fn in fns.values():  # warm-up: oneDNN primitive creation
+        fn()
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k] = min(times[k], best_time(fn, 1))
+    return times
+
+
+def inference(name: str, args) -> dict:
+    torch.manual_seed(0)
+    model = CNNTDenoiser(preset(name)).eval()
+    x = torch.rand(1, args.frames, 1, args.size, args.size)
+    plain, fast = Runtime.create("cpu", fast=False), Runtime.create("cpu", fast=True)
+    nets = {"float32": plain.prepare(model), "fast": fast.inference_copy(model)}
+    runtimes = {"float32": plain, "fast": fast}
+    fns = {k: (lambda k=k: runtimes[k].predict(nets[k], x)) for k in nets}
+    out = {k: fn() for k, fn in fns.items()}
+    rel = ((out["fast"] - out["float32"]).abs().max() / out["float32"].abs().max()).item()
+    return dict(times=interleaved(fns, args.repeats), flops=forward_flops(model, x), pf=x[0, :, 0].numel(), rel=rel)
+
+
+def training(name: str, args) -> dict:
+    torch.manual_seed(0)
+    config = preset(name).replace(time=args.frames, height=args.patch, width=args.patch)
+    x = torch.rand(args.batch, args.frames, 1, args.patch, args.patch)
+    y = x.clone()
+    loss_fn = CombinedLoss(["ssim", "mse"], [1.0, 0.1])
+    fns = {}
+    for label, flag in (("float32", False), ("fast", True)):
+        rt = Runtime.create("cpu", fast=flag)
+        model = rt.prepare(CNNTDenoiser(config).train())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def step(model=model, rt=rt, opt=opt):
+            with rt.autocast():
+                out = model(x)
+            loss = loss_fn(out.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+
+        fns[label] = step
+    flops = 3 * forward_flops(CNNTDenoiser(config), x)
+    return dict(times=interleaved(fns, args.repeats), flops=flops, pf=x[:, :, 0].numel(), rel=None)
+
+
+def sample_accuracy() -> tuple[float, float] | None:
+    """PSNR (dB) of the bundled model's float32 and fast denoising of the sample data."""
+    import napari_cnnt
+    from napari_cnnt.cli import psnr_db
+    from napari_cnnt.synthetic import sample_recording
+
+    try:
+        model = napari_cnnt.load_model()
+    except napari_cnnt.CheckpointError:
+        return None
+    noisy, clean = sample_recording()
+    return tuple(
+        psnr_db(napari_cnnt.denoise(noisy, model, device=Runtime.create("cpu", fast=fast)), clean)
+        for fast in (False, True)
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--size", type=int, default=128, help="inference frame size")
+    ap.add_argument("--batch", type=int, default=2, help="training batch")
+    ap.add_argument("--patch", type=int, default=64, help="training patch size")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--presets", nargs="+", default=["small", "reference"])
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    peaks = {"float32": matmul_peak(torch.float32), "fast": matmul_peak(torch.bfloat16)}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {cpu_has_native_bf16()}")
+    print(f"matrix-product peak: float32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['fast']:.0f} GFLOP/s")
+    print(f"inference [1, {args.frames}, 1, {args.size}, {args.size}]; training step "
+          f"[{args.batch}, {args.frames}, 1, {args.patch}, {args.patch}]")
+    print(f"{'preset':<10} {'work':<10} {'variant':<8} {'time s':>8} {'Mpf/s':>8} {'GFLOP/s':>8} {'of peak':>8} "
+          f"{'ratio':>6}")
+    for name in args.presets:
+        for work, measure in (("inference", inference), ("train step", training)):
+            r = measure(name, args)
+            for label, t in r["times"].items():
+                gflops = r["flops"] / t / 1e9
+                ratio = r["times"]["float32"] / t
+                print(f"{name:<10} {work:<10} {label:<8} {t:8.3f} {r['pf'] / t / 1e6:8.4f} {gflops:8.1f} "
+                      f"{gflops / peaks[label]:8.1%} {ratio:5.2f}x", flush=True)
+            if r["rel"] is not None:
+                print(f"{'':<10} {work:<10} max |fast - float32| / max |float32| = {r['rel']:.2e} (random weights)")
+    acc = sample_accuracy()
+    if acc is None:
+        print("no bundled model: sample accuracy skipped")
+    else:
+        print(f"sample data, bundled model: PSNR float32 {acc[0]:.3f} dB, fast {acc[1]:.3f} dB, "
+              f"difference {acc[1] - acc[0]:+.3f} dB")
+
+
+if __name__ == "__main__":
+    main()
