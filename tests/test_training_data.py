@@ -24,22 +24,25 @@ def _sample(shape=(4, 8, 8), name="s", value=None):
     return Sample(name, clean + 1.0, clean)
 
 
-def test_fixed_normalisation_clips_and_leaves_input_alone():
+def test_fixed_normalisation_is_affine_unclipped_and_leaves_input_alone():
     noisy = np.array([[[0, 100, 200, 400]]], np.uint16)
     clean = noisy.copy()
     (s,) = make_samples("p", noisy, clean, Normalization("fixed", 100, 300))
-    np.testing.assert_allclose(s.noisy[0, 0], [0, 0, 0.5, 1])
+    np.testing.assert_allclose(s.noisy[0, 0], [-0.5, 0, 0.5, 1.5])
     assert s.noisy.dtype == np.float32
     assert noisy.tolist() == [[[0, 100, 200, 400]]]
 
 
-def test_percentile_normalisation_scales_noisy_and_clean_separately():
+def test_percentile_normalisation_scales_clean_with_the_noisy_limits():
+    """As denoising does: intensities keep their relation, so a model learns no intensity change."""
     rng = np.random.default_rng(0)
-    clean = rng.random((2, 16, 16)) * 1000
-    (s,) = make_samples("p", clean * 3 + 50, clean, Normalization("percentile", 1.5, 99.5))
-    np.testing.assert_allclose(s.noisy, s.clean, atol=1e-5)
-    assert s.clean.min() == 0 and s.clean.max() == 1
-    assert np.isclose(np.mean(s.clean == 1), 0.005, atol=0.003)
+    clean = rng.random((2, 16, 16)) * 1000 + 100
+    noisy = clean + rng.normal(0, 50, clean.shape)
+    (s,) = make_samples("p", noisy, clean, Normalization("percentile", 1.5, 99.5))
+    lo, hi = np.percentile(noisy, [1.5, 99.5])
+    np.testing.assert_allclose(s.noisy, (noisy - lo) / (hi - lo), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s.clean, (clean - lo) / (hi - lo), rtol=1e-5, atol=1e-5)
+    assert s.noisy.min() < 0 and s.noisy.max() > 1  # not clipped: denoising does not clip either
 
 
 def test_two_dimensional_pairs_become_one_frame():

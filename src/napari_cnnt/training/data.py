@@ -61,10 +61,9 @@ def _as_stack(name: str, what: str, array: Any) -> np.ndarray:
     return a
 
 
-def _normalise(a: np.ndarray, limits: tuple[float, float], clip: bool) -> np.ndarray:
+def _normalise(a: np.ndarray, limits: tuple[float, float]) -> np.ndarray:
     lo, hi = limits
-    out = (a.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)
-    return np.clip(out, 0.0, 1.0, out=out) if clip else out
+    return (a.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo)
 
 
 def make_samples(
@@ -76,9 +75,12 @@ def make_samples(
 ) -> list[Sample]:
     """Check and normalise one pair: one sample, or one per ``(top, left, bottom, right)`` box in ``rois``.
 
-    Percentile limits are computed on the whole stacks, noisy and clean
-    separately as the reference does, so that a region is scaled as it will
-    be when the whole image is denoised. The inputs are never modified.
+    Both images are scaled with the limits of the whole noisy stack, unclipped:
+    exactly what denoising does to its input and undoes on its output, so a
+    trained model keeps intensities in the camera's units, and a region is
+    scaled as it will be when the whole image is denoised. (The reference
+    scales the clean image by its own percentiles and clips both to [0, 1],
+    which teaches a model to change intensities.) The inputs are never modified.
     """
     n = _as_stack(name, "noisy", noisy)
     c = _as_stack(name, "clean", clean)
@@ -86,15 +88,14 @@ def make_samples(
         raise ValueError(
             f"{name}: noisy and clean images must have the same shape, got {list(n.shape)} and {list(c.shape)}"
         )
-    clip = normalization.mode != "none"
-    n_lim, c_lim = normalization.limits(n), normalization.limits(c)
+    limits = normalization.limits(n)
     if rois is None:
-        return [Sample(name, _normalise(n, n_lim, clip), _normalise(c, c_lim, clip))]
+        return [Sample(name, _normalise(n, limits), _normalise(c, limits))]
     samples = []
     for j, roi in enumerate(rois):
         top, left, bottom, right = _check_roi(name, roi, n.shape[1:])
         box = (slice(None), slice(top, bottom), slice(left, right))
-        samples.append(Sample(f"{name} roi {j}", _normalise(n[box], n_lim, clip), _normalise(c[box], c_lim, clip)))
+        samples.append(Sample(f"{name} roi {j}", _normalise(n[box], limits), _normalise(c[box], limits)))
     return samples
 
 
