@@ -200,3 +200,31 @@ def test_training_reduces_loss(tiny_config):
     with torch.no_grad():
         after = loss_fn(model(noisy), clean).item()
     assert after < 0.7 * before
+
+
+def test_instance_norm_is_layout_independent_with_gradients():
+    from napari_cnnt.model.layers import InstanceNorm
+
+    x = torch.randn(3, 5, 9, 7, dtype=torch.float64)
+    upstream = torch.randn_like(x)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xi = x.clone().to(memory_format=layout).requires_grad_()
+        y = InstanceNorm()(xi)
+        assert y.is_contiguous(memory_format=layout)  # the next convolution sees the layout it expects
+        y.backward(upstream)
+        results.append((y.detach(), xi.grad))
+    expected = F.instance_norm(x, eps=1e-5)
+    for y, grad in results:
+        torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_fused_attention_projections_match_the_separate_ones():
+    attn = CNNTAttention(8, 8, n_head=2).eval()
+    x = torch.randn(2, 3, 8, 6, 6)
+    with torch.no_grad():
+        expected = attn(x)
+        attn.fuse_projections()
+        assert attn.qkv_weight is not None and "qkv_weight" not in attn.state_dict()
+        torch.testing.assert_close(attn(x), expected, rtol=0, atol=0)

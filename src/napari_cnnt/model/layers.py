@@ -111,8 +111,9 @@ class CNNTAttention(nn.Module):
 class InstanceNorm(nn.Module):
     """Instance norm of every frame (no affine, no running statistics).
 
-    Computed as a group norm with one channel per group, which is the same
-    statistic but has a fast channels-last kernel.
+    Computed as a group norm with one channel per group. PyTorch's CPU group
+    norm backward is several times slower on channels-last tensors, so in
+    training those are normalised in the default layout and converted back.
     """
 
     def __init__(self, eps: float = 1e-5):
@@ -120,7 +121,13 @@ class InstanceNorm(nn.Module):
         self.eps = eps
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(frames, frames.shape[1], eps=self.eps)
+        channels = frames.shape[1]
+        if frames.requires_grad and frames.device.type == "cpu" and not frames.is_contiguous() and (
+            frames.is_contiguous(memory_format=torch.channels_last)
+        ):
+            y = F.group_norm(frames.contiguous(), channels, eps=self.eps)
+            return y.contiguous(memory_format=torch.channels_last)
+        return F.group_norm(frames, channels, eps=self.eps)
 
 
 def _make_norm(mode: str, channels: int, height: int, width: int) -> nn.Module:
