@@ -624,14 +624,15 @@ def _denoise_stack(
     weight = torch.from_numpy(plan.weight()).to(runtime.device)
     starts = plan.starts()
     batches = [starts[i:i + batch_size] for i in range(0, len(starts), batch_size)]
-    pending = reader.submit(_read_batch, tiles, plan, batches[0], lo, hi)
+    pin = runtime.device.type == "cuda"  # page-locked batches copy to the GPU while it computes
+    pending = reader.submit(_read_batch, tiles, plan, batches[0], lo, hi, pin)
     for i, batch in enumerate(batches):
         if cancelled():
             raise Cancelled("denoising was cancelled")
         x = pending.result()
         if i + 1 < len(batches):
-            pending = reader.submit(_read_batch, tiles, plan, batches[i + 1], lo, hi)
-        y = runtime.predict(net, torch.from_numpy(x))[:, :, 0].mul_(weight)
+            pending = reader.submit(_read_batch, tiles, plan, batches[i + 1], lo, hi, pin)
+        y = runtime.predict(net, x)[:, :, 0].mul_(weight)
         for start, pred in zip(batch, y):
             blender.add(start, pred)
         after_batch(len(batch))
@@ -659,16 +660,23 @@ class _Inline(concurrent.futures.Executor):
 
 
 def _read_batch(
-    tiles: _WindowReader, plan: TilePlan, starts: list[tuple[int, int, int]], lo: float, hi: float
-) -> np.ndarray:
-    """Read and normalise a batch of tiles into one ``[B, t, 1, h, w]`` float32 array."""
-    x = np.empty((len(starts), plan.tile[0], 1) + plan.tile[1:], dtype=np.float32)
+    tiles: _WindowReader,
+    plan: TilePlan,
+    starts: list[tuple[int, int, int]],
+    lo: float,
+    hi: float,
+    pin: bool = False,
+) -> torch.Tensor:
+    """Read and normalise a batch of tiles into one ``[B, t, 1, h, w]`` float32 tensor
+    (in page-locked memory if ``pin``)."""
+    batch = torch.empty((len(starts), plan.tile[0], 1) + plan.tile[1:], dtype=torch.float32, pin_memory=pin)
+    x = batch.numpy()
     for tile, start in zip(x, starts):
         tile[:, 0] = tiles.tile(start)
     if (lo, hi) != (0.0, 1.0):
         x -= np.float32(lo)
         x /= np.float32(hi - lo)
-    return x
+    return batch
 
 
 __all__ = [
