@@ -1,3 +1,4 @@
+import os
 import json
 import shutil
 
@@ -153,3 +154,13 @@ def test_newer_format_version_is_refused(tmp_path, tiny_config):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "new.safetensors"), meta)
     with pytest.raises(CheckpointError, match="version '99'"):
         load_model(tmp_path / "new.safetensors")
+
+
+@pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX permissions")
+def test_saved_files_get_ordinary_permissions(tmp_path, tiny_config):
+    old = os.umask(0o022)
+    try:
+        path = save_model(CNNTDenoiser(tiny_config), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
