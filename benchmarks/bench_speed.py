@@ -25,36 +25,21 @@ float32 peak, fast ones against the bf16 peak) and the ratios. Usage::
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+
+from bench_model import count_flops, timed  # the script's folder is on sys.path
 
 from napari_cnnt.losses import CombinedLoss
 from napari_cnnt.model import CNNTDenoiser, preset
 from napari_cnnt.runtime import Runtime, cpu_has_native_bf16
 
 
-def best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     """GFLOP/s of a square matrix product, the best of ``repeats``."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     torch.mm(a, b)
-    return 2 * n**3 / best_time(lambda: torch.mm(a, b), repeats) / 1e9
-
-
-def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops()
+    return 2 * n**3 / timed(lambda: torch.mm(a, b), repeats) / 1e9
 
 
 def interleaved(fns: dict, repeats: int) -> dict:
@@ -63,7 +48,7 @@ def interleaved(fns: dict, repeats: int) -> dict:
         fn()
     for _ in range(repeats):
         for k, fn in fns.items():
-            times[k] = min(times[k], best_time(fn, 1))
+            times[k] = min(times[k], timed(fn, 1))
     return times
 
 
@@ -77,7 +62,7 @@ def inference(name: str, args) -> dict:
     fns = {k: (lambda k=k: runtimes[k].predict(nets[k], x)) for k in nets}
     out = {k: fn() for k, fn in fns.items()}
     rel = ((out["fast"] - out["float32"]).abs().max() / out["float32"].abs().max()).item()
-    return dict(times=interleaved(fns, args.repeats), flops=forward_flops(model, x), pf=x[0, :, 0].numel(), rel=rel)
+    return dict(times=interleaved(fns, args.repeats), flops=count_flops(model, x), pf=x[0, :, 0].numel(), rel=rel)
 
 
 def training(name: str, args) -> dict:
@@ -102,7 +87,7 @@ def training(name: str, args) -> dict:
             opt.step()
 
         fns[label] = step
-    flops = 3 * forward_flops(CNNTDenoiser(config), x)
+    flops = 3 * count_flops(CNNTDenoiser(config), x)
     return dict(times=interleaved(fns, args.repeats), flops=flops, pf=x[:, :, 0].numel(), rel=None)
 
 

@@ -40,19 +40,6 @@ def test_float32_path_is_exact(tiny_config):
     assert torch.equal(rt.predict(rt.prepare(model), x), expected)
 
 
-@pytest.mark.skipif(not runtime.cpu_has_native_bf16(), reason="CPU has no native bf16")
-def test_fast_path_close_to_float32(tiny_config):
-    """bf16 autocast stays within 45 dB of float32 on random weights (trained models: see bench_model.py)."""
-    model = CNNTDenoiser(tiny_config.replace(blocks=(16, 16, 32), height=32, width=32)).eval()
-    x = torch.rand(2, 4, 1, 32, 32)
-    exact = Runtime.create("cpu", fast=False).predict(model, x)
-    fast_rt = Runtime.create("cpu", fast=True)
-    fast = fast_rt.predict(fast_rt.prepare(model), x)
-    assert fast.dtype == torch.float32 and fast.shape == exact.shape
-    span = exact.max() - exact.min()
-    assert psnr(fast / span, exact / span).item() > 45.0
-
-
 def test_inference_copy_leaves_the_model_alone(tiny_config):
     model = CNNTDenoiser(tiny_config).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -74,14 +61,22 @@ def test_float32_inference_copy_is_exact(tiny_config):
     torch.testing.assert_close(rt.predict(rt.inference_copy(model), x), expected, rtol=0, atol=1e-6)
 
 
-def test_fast_inference_copy_close_to_float32(tiny_config):
-    """bf16 weights and activations stay within 45 dB of float32 on random weights
-    (the bundled model: test_bundled_model.py)."""
+@pytest.mark.parametrize(
+    "prepare",
+    [
+        pytest.param("prepare", marks=pytest.mark.skipif(not runtime.cpu_has_native_bf16(),
+                                                         reason="CPU has no native bf16")),
+        "inference_copy",
+    ],
+)
+def test_fast_path_close_to_float32(tiny_config, prepare):
+    """bf16 (autocast on a prepared model, or the bf16 inference copy) stays within 45 dB of
+    float32 on random weights (the bundled model: test_bundled_model.py)."""
     model = CNNTDenoiser(tiny_config.replace(blocks=(16, 16, 32), height=32, width=32)).eval()
     x = torch.rand(2, 4, 1, 32, 32)
     exact = Runtime.create("cpu", fast=False).predict(model, x)
     fast_rt = Runtime.create("cpu", fast=True)
-    fast = fast_rt.predict(fast_rt.inference_copy(model), x)
+    fast = fast_rt.predict(getattr(fast_rt, prepare)(model), x)
     assert fast.dtype == torch.float32 and fast.shape == exact.shape
     span = exact.max() - exact.min()
     assert psnr(fast / span, exact / span).item() > 45.0

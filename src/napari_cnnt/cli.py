@@ -64,8 +64,7 @@ def add_denoise(subparsers: Any) -> None:
     p.add_argument("--time-axis", metavar="N", type=int,
                    help="which axis is time (default: the axis labelled T, or the first of a 3-D stack); "
                         "stacks along other leading axes (positions, channels) are denoised one by one")
-    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 fast path (default: on where the hardware computes bf16 natively)")
+    _add_fast_flag(p)
     p.set_defaults(run=run_denoise)
 
 
@@ -107,8 +106,7 @@ def add_demo(subparsers: Any) -> None:
     p.add_argument("--model", type=Path, metavar="PATH", help="model file (default: the bundled model)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' (default: auto)")
     p.add_argument("-o", "--output", type=Path, metavar="PATH", help="also write the denoised stack (TIFF or HDF5)")
-    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 fast path (default: on where the hardware computes bf16 natively)")
+    _add_fast_flag(p)
     p.set_defaults(run=run_demo)
 
 
@@ -180,6 +178,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     write_training_pairs(args.output, pairs)
     print(f"wrote {args.count} recording(s) of {' x '.join(map(str, args.shape))} to {args.output}", file=sys.stderr)
     return 0
+
+
+def _add_fast_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 fast path (default: on where the hardware computes bf16 natively)")
 
 
 def _runtime(args: argparse.Namespace) -> Any:
