@@ -367,7 +367,8 @@ def test_automatic_tile_and_batch_follow_the_device_memory(monkeypatch):
     monkeypatch.setattr(inference, "_free_memory", lambda device: 64 << 30)
     assert inference.auto_tile(config, (32, 512, 512), cpu) == (16, 128, 128)
     assert inference.auto_tile(config, (5, 40, 70), cpu) == (5, 40, 72)
-    assert inference.auto_batch_size(config, (16, 128, 128), cpu) == 4
+    assert inference.auto_batch_size(config, (16, 64, 64), cpu) == 4
+    assert inference.auto_batch_size(config, (16, 128, 128), cpu) == 1  # larger calls outgrow the cache
     budget = 300 << 20
     monkeypatch.setattr(inference, "_free_memory", lambda device: 2 * budget)
     t, h, w = inference.auto_tile(config, (32, 512, 512), cpu)

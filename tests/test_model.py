@@ -46,6 +46,28 @@ def test_attention_matches_recipe(causal):
         assert torch.allclose(attn(x), _reference_attention(attn, x), atol=1e-5)
 
 
+def test_attention_is_layout_independent_with_gradients():
+    """Channels-last tensors take a different (copy-saving) feature order in the attention."""
+    attn = CNNTAttention(6, 8, n_head=4, dropout_p=0.0)
+    x = torch.randn(2, 5, 6, 8, 12)
+    upstream = torch.randn(2, 5, 8, 8, 12)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        attn.zero_grad()
+        attn.to(memory_format=layout)
+        xi = x.flatten(0, 1).contiguous(memory_format=layout).unflatten(0, (2, 5)).requires_grad_()
+        y = attn(xi)
+        y.backward(upstream)
+        results.append((y.detach(), xi.grad, attn.query.conv2d.weight.grad.clone()))
+    with torch.no_grad():
+        expected = _reference_attention(attn, x)
+    for y, x_grad, w_grad in results:
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-5, atol=1e-5)
+    assert results[1][0].flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+
+
 def test_causal_attention_ignores_the_future():
     attn = CNNTAttention(4, 4, n_head=2, is_causal=True, dropout_p=0.0).eval()
     x = torch.randn(1, 6, 4, 8, 8)

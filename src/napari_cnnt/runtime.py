@@ -104,8 +104,12 @@ class Runtime:
 
         The attention projections are fused once and, on the fast path, every
         weight is stored in bf16, so no call concatenates or casts weights and
-        no normalisation bounces through float32 as it does under autocast.
+        no normalisation bounces through float32 as it does under autocast;
+        the mixers also become :class:`~napari_cnnt.model.fused.FusedMixer`.
+        Without the fast path the arithmetic is exactly the model's.
         """
+        from .model.fused import fuse_mixers
+
         net = copy.deepcopy(model).eval().requires_grad_(False)
         for module in net.modules():
             fuse = getattr(module, "fuse_projections", None)
@@ -113,7 +117,7 @@ class Runtime:
                 fuse()
         net = self.prepare(net)
         if self.fast:
-            net = net.to(torch.bfloat16)
+            net = fuse_mixers(net.to(torch.bfloat16))
         return net
 
     def predict(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:

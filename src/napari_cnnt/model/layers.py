@@ -93,9 +93,18 @@ class CNNTAttention(nn.Module):
         nh = self.n_head
         hc = C // nh
         D = hc * H * W
-        # [B*T, 3*C, H, W] -> [3, B, nh, T, hc*H*W]
-        qkv = qkv.unflatten(0, (B, T)).unflatten(2, (3, nh, hc))
-        q, k, v = qkv.permute(2, 0, 3, 1, 4, 5, 6).reshape(3, B, nh, T, D).unbind(0)
+        # Each head's queries, keys and values become [B, nh, T, D] matrices. The
+        # order of the D features is free (only their dot products count), so it
+        # follows the memory layout: (channel, pixel) for contiguous tensors and
+        # (pixel, channel) for channels-last ones. Each copy then moves runs of
+        # neighbouring values, and a channels-last result needs no second copy.
+        channels_last = not qkv.is_contiguous() and qkv.is_contiguous(memory_format=torch.channels_last)
+        if channels_last:  # [B*T, H, W, 3*C] in memory -> [3, B, nh, T, H*W*hc]
+            qkv = qkv.permute(0, 2, 3, 1).unflatten(0, (B, T)).unflatten(-1, (3, nh, hc))
+            qkv = qkv.permute(4, 0, 5, 1, 2, 3, 6)
+        else:  # [B*T, 3*C, H, W] -> [3, B, nh, T, hc*H*W]
+            qkv = qkv.unflatten(0, (B, T)).unflatten(2, (3, nh, hc)).permute(2, 0, 3, 1, 4, 5, 6)
+        q, k, v = qkv.reshape(3, B, nh, T, D).unbind(0)
 
         att = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(D))
         if self.is_causal:
@@ -104,7 +113,10 @@ class CNNTAttention(nn.Module):
         att = self.attn_drop(att.softmax(dim=-1)).to(v.dtype)
 
         y = att @ v  # [B, nh, T, D]
-        y = y.unflatten(-1, (hc, H, W)).transpose(1, 2).reshape(B * T, C, H, W)
+        if channels_last:  # -> [B*T, H, W, C] in memory, seen as [B*T, C, H, W]
+            y = y.unflatten(-1, (H, W, hc)).permute(0, 2, 3, 4, 1, 5).reshape(B * T, H, W, C).permute(0, 3, 1, 2)
+        else:
+            y = y.unflatten(-1, (hc, H, W)).transpose(1, 2).reshape(B * T, C, H, W)
         return _unframes(self.output_proj.conv2d(y), B, T)
 
 

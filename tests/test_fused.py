@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from napari_cnnt.model import CNNTDenoiser
+from napari_cnnt.model import fused
+from napari_cnnt.model.fused import FusedMixer, fuse_mixers
+from napari_cnnt.model.layers import CNNTBlock
+from napari_cnnt.runtime import Runtime
+
+
+def _frames_last(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, x.shape[:2])
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("cache_bytes", [FusedMixer.cache_bytes, 1, 3 * 32 * 12 * 12 * 4])
+def test_fused_mixer_computes_the_mixer(monkeypatch, onednn, cache_bytes):
+    """Same numbers as conv -> GELU -> conv, whole or a few frames at a time, with or without oneDNN."""
+    if onednn and not fused._onednn_conv_gelu_available():
+        pytest.skip("this PyTorch build has no oneDNN convolution with GELU")
+    monkeypatch.setattr(fused, "_onednn_conv_gelu_available", lambda: onednn)
+    block = CNNTBlock(8, "instance", 12, 12, n_head=2, dropout_p=0.0).eval()
+    block.to(memory_format=torch.channels_last)
+    mixer = FusedMixer(block.mlp)
+    mixer.cache_bytes = cache_bytes  # 1: one frame at a time; the last: 3 frames, then a remainder of 2
+    x = _frames_last(torch.randn(1, 5, 8, 12, 12))
+    with torch.no_grad():
+        expected = block.mlp(x)
+        got = mixer(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert got.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fused_mixer_takes_only_a_mixer():
+    with pytest.raises(TypeError, match="mixer"):
+        FusedMixer(torch.nn.Sequential(torch.nn.Identity(), torch.nn.ReLU(), torch.nn.Identity()))
+
+
+def test_only_the_fast_inference_copy_fuses_mixers(tiny_config):
+    model = CNNTDenoiser(tiny_config)
+    fast = Runtime.create("cpu", fast=True).inference_copy(model)
+    exact = Runtime.create("cpu", fast=False).inference_copy(model)
+    blocks = [m for m in fast.modules() if isinstance(m, CNNTBlock)]
+    assert blocks and all(isinstance(b.mlp, FusedMixer) for b in blocks)
+    assert not any(isinstance(m, FusedMixer) for m in exact.modules())  # float32 stays the model's arithmetic
+    assert not any(isinstance(m, FusedMixer) for m in model.modules())
+    assert fuse_mixers(fast) is fast and all(isinstance(b.mlp, FusedMixer) for b in blocks)  # idempotent
