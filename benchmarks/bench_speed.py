@@ -5,27 +5,37 @@ machine state), for the ``small`` and ``reference`` presets:
 
 - the matrix-product peak of this machine in float32 and bfloat16
   (``torch.mm`` of 2048 x 2048 matrices);
-- inference: the network alone on one ``[1, T, 1, H, W]`` input, float32
+- inference: the network alone on one ``[1, T, 1, H, W]`` tile, float32
   eager (the model as trained) versus the fast path (``Runtime.inference_copy``:
-  bf16 weights, fused attention projections, channels-last);
+  bf16 weights, fused attention projections, fused and cache-blocked mixers,
+  channels-last);
 - one training step (forward, float32 ssim + mse loss, backward, clipping,
   AdamW) of a ``[B, T, 1, h, w]`` batch, float32 versus bf16 autocast;
-- accuracy on the sample data: PSNR against the truth of the whole tiled
-  denoising with the bundled model, float32 versus fast.
+- the sample data (32 x 256 x 256) denoised whole with the bundled model: the
+  reference's method (its tile layout, float32), ``denoise`` in float32 and
+  ``denoise`` on the fast path; time and PSNR against the truth.
+
+Both variants run in one process with the same memory allocator settings:
+importing napari_cnnt turns on PyTorch's huge-page allocation
+(``THP_MEM_ALLOC_ENABLE``) on Linux. Run with ``THP_MEM_ALLOC_ENABLE=0`` to
+measure with PyTorch's default instead.
 
 It prints megapixel-frames per second, achieved GFLOP/s (forward FLOPs from
 PyTorch's counter; a training step counts three times the forward), the
 fraction of the measured matrix-product peak (float32 variants against the
 float32 peak, fast ones against the bf16 peak) and the ratios. Usage::
 
-    python benchmarks/bench_speed.py [--frames 8] [--size 128] [--batch 2] [--patch 64] [--repeats 3]
+    python benchmarks/bench_speed.py [--frames 16] [--size 128] [--batch 4] [--patch 64] [--repeats 2]
                                      [--threads N] [--presets small reference]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import time
 
+import napari_cnnt  # before torch: it sets up the allocator (see above)
 import torch
 
 from bench_model import count_flops, timed  # the script's folder is on sys.path
@@ -91,9 +101,8 @@ def training(name: str, args) -> dict:
     return dict(times=interleaved(fns, args.repeats), flops=flops, pf=x[:, :, 0].numel(), rel=None)
 
 
-def sample_accuracy() -> tuple[float, float] | None:
-    """PSNR (dB) of the bundled model's float32 and fast denoising of the sample data."""
-    import napari_cnnt
+def sample_denoising(repeats: int) -> dict[str, tuple[float, float]] | None:
+    """Seconds and PSNR (dB) of denoising the sample data with the bundled model, three ways."""
     from napari_cnnt.cli import psnr_db
     from napari_cnnt.synthetic import sample_recording
 
@@ -102,19 +111,28 @@ def sample_accuracy() -> tuple[float, float] | None:
     except napari_cnnt.CheckpointError:
         return None
     noisy, clean = sample_recording()
-    return tuple(
-        psnr_db(napari_cnnt.denoise(noisy, model, device=Runtime.create("cpu", fast=fast)), clean)
-        for fast in (False, True)
-    )
+    variants = {
+        "reference's method": dict(layout="reference"),
+        "float32": dict(device=Runtime.create("cpu", fast=False)),
+        "fast": dict(device=Runtime.create("cpu", fast=True)),
+    }
+    outputs = {}
+
+    def run(label: str) -> None:
+        outputs[label] = napari_cnnt.denoise(noisy, model, **variants[label])
+
+    times = interleaved({label: (lambda label=label: run(label)) for label in variants}, repeats)
+    results = {label: (times[label], psnr_db(outputs[label], clean)) for label in variants}
+    return results
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--size", type=int, default=128, help="inference frame size")
-    ap.add_argument("--batch", type=int, default=2, help="training batch")
+    ap.add_argument("--batch", type=int, default=4, help="training batch")
     ap.add_argument("--patch", type=int, default=64, help="training patch size")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--presets", nargs="+", default=["small", "reference"])
     args = ap.parse_args()
@@ -122,7 +140,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     peaks = {"float32": matmul_peak(torch.float32), "fast": matmul_peak(torch.bfloat16)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {cpu_has_native_bf16()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {cpu_has_native_bf16()}, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
     print(f"matrix-product peak: float32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['fast']:.0f} GFLOP/s")
     print(f"inference [1, {args.frames}, 1, {args.size}, {args.size}]; training step "
           f"[{args.batch}, {args.frames}, 1, {args.patch}, {args.patch}]")
@@ -138,12 +157,17 @@ def main() -> None:
                       f"{gflops / peaks[label]:8.1%} {ratio:5.2f}x", flush=True)
             if r["rel"] is not None:
                 print(f"{'':<10} {work:<10} max |fast - float32| / max |float32| = {r['rel']:.2e} (random weights)")
-    acc = sample_accuracy()
-    if acc is None:
-        print("no bundled model: sample accuracy skipped")
-    else:
-        print(f"sample data, bundled model: PSNR float32 {acc[0]:.3f} dB, fast {acc[1]:.3f} dB, "
-              f"difference {acc[1] - acc[0]:+.3f} dB")
+    sample = sample_denoising(args.repeats)
+    if sample is None:
+        print("no bundled model: sample denoising skipped")
+        return
+    print("sample data 32 x 256 x 256, bundled model, whole-stack denoising:")
+    base_time, base_psnr = sample["float32"]
+    for label, (seconds, db) in sample.items():
+        print(f"  {label:<20} {seconds:7.2f} s  {base_time / seconds:5.2f}x of float32  PSNR {db:.3f} dB "
+              f"({db - base_psnr:+.3f} dB)")
+    ratio = sample["reference's method"][0] / sample["fast"][0]
+    print(f"  fast against the reference's method: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -55,3 +55,39 @@ def test_ci_runs_the_readme_test_command():
     assert "pip install" in blocks[0]
     # the first two code blocks come before any other text section
     assert readme.index(blocks[1]) < readme.index("## ")
+
+
+HUGE_PAGES_PROBE = """
+import os, sys, napari_cnnt
+assert 'torch' not in sys.modules  # the setting must precede torch
+import torch
+x = torch.ones(64 << 20, dtype=torch.uint8)
+with open('/proc/self/smaps_rollup') as f:
+    kb = next(int(line.split()[1]) for line in f if line.startswith('AnonHugePages:'))
+print(os.environ['THP_MEM_ALLOC_ENABLE'], kb >> 10)
+"""
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "absent"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="no transparent huge pages on this system")
+@pytest.mark.parametrize("given,expected", [(None, "1"), ("0", "0")])
+def test_large_tensors_get_huge_pages_unless_switched_off(given, expected):
+    env = {k: v for k, v in __import__("os").environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if given is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = given
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    setting, huge_mb = out.stdout.split()
+    assert setting == expected
+    if expected == "1":
+        assert int(huge_mb) >= 32  # most of the 64 MB tensor
+    elif _thp_mode() == "madvise":
+        assert int(huge_mb) < 32  # PyTorch's default: small pages only
