@@ -25,7 +25,7 @@ PyTorch's counter; a training step counts three times the forward), the
 fraction of the measured matrix-product peak (float32 variants against the
 float32 peak, fast ones against the bf16 peak) and the ratios. Usage::
 
-    python benchmarks/bench_speed.py [--frames 16] [--size 128] [--batch 4] [--patch 64] [--repeats 2]
+    python benchmarks/bench_speed.py [--frames 16] [--size 128] [--batch 4] [--patch 64] [--repeats 3]
                                      [--threads N] [--presets small reference]
 """
 
@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128, help="inference frame size")
     ap.add_argument("--batch", type=int, default=4, help="training batch")
     ap.add_argument("--patch", type=int, default=64, help="training patch size")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--presets", nargs="+", default=["small", "reference"])
     args = ap.parse_args()
