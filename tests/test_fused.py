@@ -31,6 +31,14 @@ def test_fused_mixer_computes_the_mixer(monkeypatch, onednn, cache_bytes):
     assert got.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
 
 
+def test_fused_mixer_chunks_frames_only_on_the_cpu():
+    mixer = FusedMixer(CNNTBlock(16, "instance", 128, 128, n_head=2).mlp)  # 64-channel intermediate
+    per_frame = 64 * 128 * 128 * 2  # bf16 bytes
+    cpu = torch.empty(40, 16, 128, 128, dtype=torch.bfloat16)
+    assert mixer.frames_per_chunk(cpu) == FusedMixer.cache_bytes // per_frame < 40
+    assert mixer.frames_per_chunk(torch.empty(40, 16, 128, 128, dtype=torch.bfloat16, device="meta")) == 40
+
+
 def test_fused_mixer_takes_only_a_mixer():
     with pytest.raises(TypeError, match="mixer"):
         FusedMixer(torch.nn.Sequential(torch.nn.Identity(), torch.nn.ReLU(), torch.nn.Identity()))
