@@ -280,3 +280,17 @@ def test_progress_survives_the_run_ending_while_napari_updates_its_bar(qtbot, mo
     assert made and made[0] not in progress._all_instances  # not left open in the activity panel
     display.update(2, 10, "2 of 10 tiles")
     assert display.status.value == "Done." and len(made) == 1
+
+
+@pytest.mark.parametrize("name", ["Denoise", "Fine-tune"])
+def test_fast_path_box_follows_the_device(make_napari_viewer, monkeypatch, name):
+    from napari_cnnt.napari.widgets import _common
+
+    monkeypatch.setattr(_common, "fast_path_default", lambda device: device == "auto")
+    widget = dock(make_napari_viewer(), name)
+    widget.device.value = "cpu"
+    assert widget.fast.value is False
+    widget.device.value = "auto"
+    assert widget.fast.value is True
+    widget.fast.value = False  # the user's choice stands until the device changes again
+    assert widget.fast.value is False

@@ -1,9 +1,10 @@
 """Where and how the network runs: device choice and the fast path.
 
-The fast path is bfloat16 autocast with channels-last weights. On CPUs with
-native bf16 instructions (AVX512-BF16 or AMX) oneDNN runs the convolutions
-several times faster than float32; on CUDA it uses the tensor cores. On other
-hardware bf16 would be emulated and slower, so it stays off unless forced.
+The fast path is bfloat16 with channels-last weights: autocast in training,
+a bf16 inference copy in inference. On CPUs with native bf16 instructions
+oneDNN runs the convolutions 2-2.3x faster than float32 with AVX512-BF16
+(measured), more with AMX; on CUDA it uses the tensor cores. On other hardware
+bf16 would be emulated and slower, so it stays off unless forced.
 """
 
 from __future__ import annotations

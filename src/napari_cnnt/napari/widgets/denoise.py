@@ -20,8 +20,7 @@ from ...inference import Cancelled, auto_tile, denoise
 from ...model.checkpoint import CheckpointError
 from ...runtime import Runtime
 from ._common import (
-    FAST_PATH_TIP, ModelChooser, ProgressDisplay, clock, compact, device_choices, explain, fast_path_default,
-    follow_layer_list, sentence,
+    ModelChooser, ProgressDisplay, clock, compact, device_widgets, explain, follow_layer_list, sentence,
 )
 from ._jobs import Job, Outcome
 
@@ -225,9 +224,7 @@ class DenoiseWidget(Container):
         self.overlap = Triple("Overlap (T, Y, X)", (4, 32, 32), 0)
         self.batch_size = SpinBox(label="Batch size (0: auto)", value=0, min=0, max=1024)
         self.batch_size.tooltip = "Tiles per network call; auto fits the device's free memory."
-        self.device = compact(ComboBox(label="Device", choices=device_choices()))
-        self.fast = CheckBox(text="Fast path (bfloat16)", value=fast_path_default("auto"))
-        self.fast.tooltip = FAST_PATH_TIP
+        self.device, self.fast = device_widgets()
         self.keep = CheckBox(text="Keep earlier results", value=False)
         self.keep.tooltip = "Add a new layer on every run instead of replacing '<name> denoised'."
         self.run_button = PushButton(text="Run")
@@ -244,7 +241,6 @@ class DenoiseWidget(Container):
         self.layer.changed.connect(self._layer_changed)
         for w in (self.time_axis, self.model.combo, self.device, self.auto_tiles):
             w.changed.connect(self._update_tiles)
-        self.device.changed.connect(self._device_changed)
         self.run_button.changed.connect(self.start)
         self.cancel_button.changed.connect(self.cancel)
         follow_layer_list(self, self.viewer)
@@ -272,9 +268,6 @@ class DenoiseWidget(Container):
             axis = default_time_axis(layer.axis_labels, layer.ndim)
             self.time_axis.value = NO_TIME if axis is None else axis
         self._update_tiles()
-
-    def _device_changed(self, *_: Any) -> None:
-        self.fast.value = fast_path_default(self.device.value)
 
     def _update_tiles(self, *_: Any) -> None:
         """Show the automatic tile and overlap for the current layer, model and device."""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import (
-    CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, PushButton, RadioButtons, SpinBox,
+    ComboBox, Container, FileEdit, Label, LineEdit, PushButton, RadioButtons, SpinBox,
 )
 from napari.layers import Image, Shapes
 from napari.utils.notifications import show_error, show_info
@@ -36,8 +36,7 @@ from ...training.data import h5_keys
 from ...training.history import Progress
 from ...training.trainer import TrainSettings
 from ._common import (
-    FAST_PATH_TIP, ModelChooser, ProgressDisplay, compact, device_choices, explain, fast_path_default, sentence,
-    follow_layer_list, shape_text,
+    ModelChooser, ProgressDisplay, compact, device_widgets, explain, follow_layer_list, sentence, shape_text,
 )
 from ._jobs import Job, Outcome
 from ._plot import LossPlot
@@ -293,9 +292,7 @@ class FinetuneWidget(Container):
         self.patch_sizes.tooltip = "Height (x width) of the training patches, one sampler per size"
         self.time = SpinBox(label="Time window", value=RECIPE.time, min=1, max=4096)
         self.batch_size = SpinBox(label="Batch size", value=RECIPE.batch_size, min=1, max=4096)
-        self.device = compact(ComboBox(label="Device", choices=device_choices()))
-        self.fast = CheckBox(text="Fast path (bfloat16)", value=fast_path_default("auto"))
-        self.fast.tooltip = FAST_PATH_TIP
+        self.device, self.fast = device_widgets()
         self.start_button = PushButton(text="Start")
         self.stop_button = PushButton(text="Stop", enabled=False)
         self.stop_button.tooltip = "Stop after the current step; the best weights so far are kept."
@@ -325,7 +322,6 @@ class FinetuneWidget(Container):
         self.source.changed.connect(self._source_changed)
         for w in (self.noisy, self.clean, self.file, self.first, self.regions, self.held_out):
             w.changed.connect(self._update_split)
-        self.device.changed.connect(lambda device: setattr(self.fast, "value", fast_path_default(device)))
         self.start_button.changed.connect(self.start)
         self.stop_button.changed.connect(self.stop)
         self.save_button.changed.connect(self.save)
