@@ -3,8 +3,9 @@
 The fast path is bfloat16 with channels-last weights: autocast in training,
 a bf16 inference copy in inference. On CPUs with native bf16 instructions
 oneDNN runs the convolutions 2-2.3x faster than float32 with AVX512-BF16
-(measured), more with AMX; on CUDA it uses the tensor cores. On other hardware
-bf16 would be emulated and slower, so it stays off unless forced.
+(measured), and on the AMX matrix units where present; on CUDA it uses the
+tensor cores. On other hardware bf16 would be emulated and slower, so it
+stays off unless forced.
 """
 
 from __future__ import annotations
