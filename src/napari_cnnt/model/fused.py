@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import CNNTBlock, FrameConv, _frames, _unframes
+from .layers import CNNTBlock, FrameConv, _frames, _is_channels_last, _unframes
 
 
 @functools.cache
@@ -79,8 +79,7 @@ class FusedMixer(nn.Sequential):
         step = self.frames_per_chunk(frames)
         if step >= n:
             return _unframes(self._mix(frames), x.shape[0], x.shape[1])
-        layout = torch.channels_last if frames.is_contiguous(memory_format=torch.channels_last) else (
-            torch.contiguous_format)
+        layout = torch.channels_last if _is_channels_last(frames) else torch.contiguous_format
         out = torch.empty((n, self.project.out_channels, h, w), dtype=frames.dtype, device=frames.device,
                           memory_format=layout)
         for i in range(0, n, step):

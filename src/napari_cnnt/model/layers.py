@@ -27,6 +27,11 @@ def _unframes(y: torch.Tensor, batch: int, time: int) -> torch.Tensor:
     return y.unflatten(0, (batch, time))
 
 
+def _is_channels_last(frames: torch.Tensor) -> bool:
+    """Whether ``[N, C, H, W]`` frames lie channels-last (and not also in the default layout)."""
+    return not frames.is_contiguous() and frames.is_contiguous(memory_format=torch.channels_last)
+
+
 class FrameConv(nn.Module):
     """A 2-D convolution applied to every frame independently."""
 
@@ -98,7 +103,7 @@ class CNNTAttention(nn.Module):
         # follows the memory layout: (channel, pixel) for contiguous tensors and
         # (pixel, channel) for channels-last ones. Each copy then moves runs of
         # neighbouring values, and a channels-last result needs no second copy.
-        channels_last = not qkv.is_contiguous() and qkv.is_contiguous(memory_format=torch.channels_last)
+        channels_last = _is_channels_last(qkv)
         if channels_last:  # [B*T, H, W, 3*C] in memory -> [3, B, nh, T, H*W*hc]
             qkv = qkv.permute(0, 2, 3, 1).unflatten(0, (B, T)).unflatten(-1, (3, nh, hc))
             qkv = qkv.permute(4, 0, 5, 1, 2, 3, 6)
@@ -134,9 +139,7 @@ class InstanceNorm(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         channels = frames.shape[1]
-        if frames.requires_grad and frames.device.type == "cpu" and not frames.is_contiguous() and (
-            frames.is_contiguous(memory_format=torch.channels_last)
-        ):
+        if frames.requires_grad and frames.device.type == "cpu" and _is_channels_last(frames):
             y = F.group_norm(frames.contiguous(), channels, eps=self.eps)
             return y.contiguous(memory_format=torch.channels_last)
         return F.group_norm(frames, channels, eps=self.eps)
