@@ -15,11 +15,12 @@ import argparse
 import time
 
 import numpy as np
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+# napari_cnnt before torch: it sets up the allocator as the product runs.
 from napari_cnnt.model import CNNTDenoiser, preset
 from napari_cnnt.runtime import Runtime, fast_path_supported
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:

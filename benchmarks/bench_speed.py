@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import napari_cnnt  # before torch: it sets up the allocator (see above)
 import torch

@@ -18,12 +18,12 @@ import argparse
 import threading
 import time
 
+import napari_cnnt  # before torch: it sets up the allocator as the product runs
 import torch
 
-import napari_cnnt
 from napari_cnnt.model import CNNTDenoiser, preset
 from napari_cnnt.normalization import Normalization
-from napari_cnnt.runtime import Runtime, fast_path_supported
+from napari_cnnt.runtime import fast_path_supported
 from napari_cnnt.synthetic import simulate
 
 # The simulator's camera: offset 100 ADU, brightest pixels near 170 ADU.
