@@ -4,7 +4,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from napari_cnnt import runtime
 from napari_cnnt.model import CNNTConfig
+
+NO_BF16 = "this CPU cannot run bfloat16 convolutions (no AVX512-BF16/AMX, or NAPARI_CNNT_DISABLE_BF16 is set)"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``bf16`` need the fast path; they skip, saying why, where it cannot run."""
+    if runtime.cpu_runs_bf16():
+        return
+    for item in items:
+        if item.get_closest_marker("bf16"):
+            item.add_marker(pytest.mark.skip(reason=NO_BF16))
 
 FIXTURES = Path(os.environ.get("CNNT_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 
@@ -40,3 +52,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_bf16(monkeypatch):
+    """This process behaves as on a CPU whose oneDNN cannot run bfloat16 (AVX2 only)."""
+    monkeypatch.setattr(runtime, "cpu_runs_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)

@@ -237,6 +237,7 @@ def test_simulate_refuses_unknown_structures(tmp_path, capsys):
     assert "mitochondria" in capsys.readouterr().err
 
 
+@pytest.mark.bf16
 def test_fast_path_can_be_switched_off(tmp_path, capsys, stack, model, model_file):
     from napari_cnnt.runtime import Runtime
 
@@ -250,3 +251,30 @@ def test_fast_path_can_be_switched_off(tmp_path, capsys, stack, model, model_fil
         results[fast] = tiff.read_tiff(dst)[0].data
         np.testing.assert_array_equal(results[fast], denoise(stack, model, device=Runtime.create("cpu", fast)))
     assert not np.array_equal(results[True], results[False])  # the flag chose the arithmetic
+
+
+@pytest.mark.parametrize("command", ["denoise", "demo", "finetune"])
+def test_fast_path_on_a_cpu_without_bf16_is_one_line(tmp_path, capsys, monkeypatch, stack, model_file, no_bf16,
+                                                     command):
+    monkeypatch.chdir(tmp_path)
+    tiff.write_tiff("cells.tif", stack, axes="TYX")
+    hdf5.write_training_pairs("pairs.h5", [(stack, stack)] * 2)
+    argv = {
+        "denoise": ["denoise", "cells.tif", "-o", "out.tif", "--model", model_file],
+        "demo": ["demo", "--model", model_file, "-o", "out.tif"],
+        "finetune": ["finetune", "--h5files", "pairs.h5", "--load_path", model_file, "-o", "out.safetensors"],
+    }[command]
+    code, err = run(capsys, *argv, "--device", "cpu", "--fast")
+    assert code == 1
+    assert err.count("\n") == 1 and "cannot run the bfloat16 fast path" in err, err
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_no_fast_runs_on_a_cpu_without_bf16(tmp_path, capsys, stack, model, model_file, no_bf16):
+    src, dst = tmp_path / "cells.tif", tmp_path / "out.tif"
+    tiff.write_tiff(src, stack, axes="TYX")
+    for flags in ((), ("--no-fast",)):
+        code, err = run(capsys, "denoise", src, "-o", dst, "--model", model_file, "--device", "cpu", *flags)
+        assert code == 0, err
+        np.testing.assert_array_equal(tiff.read_tiff(dst)[0].data, expected(stack, model))
+        dst.unlink()

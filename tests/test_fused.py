@@ -16,9 +16,9 @@ def _frames_last(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("cache_bytes", [FusedMixer.cache_bytes, 1, 3 * 32 * 12 * 12 * 4])
 def test_fused_mixer_computes_the_mixer(monkeypatch, onednn, cache_bytes):
     """Same numbers as conv -> GELU -> conv, whole or a few frames at a time, with or without oneDNN."""
-    if onednn and not fused._onednn_conv_gelu_available():
+    if onednn and not fused._onednn_conv_gelu_available(torch.float32):
         pytest.skip("this PyTorch build has no oneDNN convolution with GELU")
-    monkeypatch.setattr(fused, "_onednn_conv_gelu_available", lambda: onednn)
+    monkeypatch.setattr(fused, "_onednn_conv_gelu_available", lambda dtype: onednn)
     block = CNNTBlock(8, "instance", 12, 12, n_head=2, dropout_p=0.0).eval()
     block.to(memory_format=torch.channels_last)
     mixer = FusedMixer(block.mlp)
@@ -29,6 +29,41 @@ def test_fused_mixer_computes_the_mixer(monkeypatch, onednn, cache_bytes):
         got = mixer(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert got.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+
+
+def _bf16_mixer_case():
+    block = CNNTBlock(8, "instance", 12, 12, n_head=2, dropout_p=0.0).eval()
+    block.to(torch.bfloat16, memory_format=torch.channels_last)
+    x = _frames_last(torch.randn(1, 5, 8, 12, 12)).bfloat16()
+    with torch.no_grad():
+        expected = block.mlp(x)
+    return block, x, expected
+
+
+@pytest.mark.bf16
+def test_fused_mixer_in_bf16_uses_onednn_where_it_runs():
+    """bf16 is what the fast path feeds the mixer: oneDNN's fused GELU runs and agrees."""
+    assert fused._onednn_conv_gelu_available(torch.bfloat16)
+    block, x, expected = _bf16_mixer_case()
+    with torch.no_grad():
+        got = FusedMixer(block.mlp)(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0.02, atol=0.02)
+
+
+def test_fused_mixer_in_bf16_falls_back_where_onednn_cannot(no_bf16, monkeypatch):
+    """Without bf16 support the private operator is never called (it would raise)."""
+    assert not fused._onednn_conv_gelu_available(torch.bfloat16)
+    assert fused._onednn_conv_gelu_available(torch.float64) is False
+
+    def refuse(*args):
+        raise AssertionError("oneDNN's bf16 convolution was called on a CPU that cannot run it")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", refuse)
+    block, x, expected = _bf16_mixer_case()
+    with torch.no_grad():
+        got = FusedMixer(block.mlp)(x)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=0)
 
 
 def test_fused_mixer_chunks_frames_only_on_the_cpu():
@@ -46,7 +81,7 @@ def test_fused_mixer_takes_only_a_mixer():
 
 def test_only_the_fast_inference_copy_fuses_mixers(tiny_config):
     model = CNNTDenoiser(tiny_config)
-    fast = Runtime.create("cpu", fast=True).inference_copy(model)
+    fast = Runtime(torch.device("cpu"), True).inference_copy(model)  # builds the copy; nothing runs
     exact = Runtime.create("cpu", fast=False).inference_copy(model)
     blocks = [m for m in fast.modules() if isinstance(m, CNNTBlock)]
     assert blocks and all(isinstance(b.mlp, FusedMixer) for b in blocks)

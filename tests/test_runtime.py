@@ -23,12 +23,34 @@ def test_bad_devices_are_explained():
 
 
 def test_fast_path_follows_hardware(monkeypatch):
-    runtime.cpu_has_native_bf16.cache_clear()
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_runs_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)  # bf16 runs, but emulated
     assert Runtime.create("cpu").fast is False
+    assert Runtime.create("cpu", fast=True).fast is True  # asked for: allowed, since it runs
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     assert Runtime.create("cpu").fast is True
     assert Runtime.create("cpu", fast=False).fast is False  # can always be switched off
+
+
+def test_fast_path_refused_where_bf16_cannot_run(no_bf16):
+    assert Runtime.create("cpu").fast is False
+    with pytest.raises(runtime.FastPathUnavailable, match="cannot run the bfloat16 fast path"):
+        Runtime.create("cpu", fast=True)
+    assert isinstance(runtime.FastPathUnavailable("x"), ValueError)  # what the CLI and widgets report
+
+
+def test_bf16_probe_runs_the_operator_and_can_be_switched_off(monkeypatch):
+    """The probe runs oneDNN's bf16 convolution; the environment switch makes any CPU look AVX2-only."""
+    probe = runtime.cpu_runs_bf16.__wrapped__
+    monkeypatch.setenv(runtime.DISABLE_BF16, "1")
+    assert probe() is False
+    monkeypatch.setattr(runtime, "cpu_runs_bf16", probe)  # uncached, reads the environment
+    assert "NAPARI_CNNT_DISABLE_BF16" in runtime.fast_path_unavailable(torch.device("cpu"))
+    monkeypatch.setenv(runtime.DISABLE_BF16, "0")
+    calls = []
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise",
+                        lambda *a: calls.append(a) or (_ for _ in ()).throw(RuntimeError("bf16 path needs avx512bw")))
+    assert probe() is False and calls and calls[0][0].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("prepare,atol", [("prepare", 0.0), ("inference_copy", 1e-6)])
@@ -47,7 +69,7 @@ def test_inference_copy_leaves_the_model_alone(tiny_config):
     model = CNNTDenoiser(tiny_config).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for fast in (False, True):
-        net = Runtime.create("cpu", fast=fast).inference_copy(model)
+        net = Runtime(torch.device("cpu"), fast).inference_copy(model)  # builds the copy; nothing runs
         assert not net.training and not any(p.requires_grad for p in net.parameters())
         assert {p.dtype for p in net.parameters()} == {torch.bfloat16 if fast else torch.float32}
         assert set(net.state_dict()) == set(before)  # fused weights are not saved with the model
@@ -55,14 +77,8 @@ def test_inference_copy_leaves_the_model_alone(tiny_config):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize(
-    "prepare",
-    [
-        pytest.param("prepare", marks=pytest.mark.skipif(not runtime.cpu_has_native_bf16(),
-                                                         reason="CPU has no native bf16")),
-        "inference_copy",
-    ],
-)
+@pytest.mark.bf16
+@pytest.mark.parametrize("prepare", ["prepare", "inference_copy"])
 def test_fast_path_close_to_float32(tiny_config, prepare):
     """bf16 (autocast on a prepared model, or the bf16 inference copy) stays within 45 dB of
     float32 on random weights (the bundled model: test_bundled_model.py)."""

@@ -188,6 +188,7 @@ def test_schedulers_and_optimiser_options(model, scheduler):
         assert lrs == [1e-3, 1e-3]
 
 
+@pytest.mark.bf16
 def test_fast_path_matches_float32(model):
     pairs = [pair("filaments", s) for s in range(3)]
     args = dict(val_pairs=[pair("filaments", 9)], epochs=6, lr=1e-3, patches_per_sample=2, patch_sizes=(16,), time=4,

@@ -287,6 +287,7 @@ def test_fast_path_box_follows_the_device(make_napari_viewer, monkeypatch, name)
     from napari_cnnt.napari.widgets import _common
 
     monkeypatch.setattr(_common, "fast_path_default", lambda device: device == "auto")
+    monkeypatch.setattr(_common, "fast_path_blocker", lambda device: None)
     widget = dock(make_napari_viewer(), name)
     widget.device.value = "cpu"
     assert widget.fast.value is False
@@ -294,3 +295,13 @@ def test_fast_path_box_follows_the_device(make_napari_viewer, monkeypatch, name)
     assert widget.fast.value is True
     widget.fast.value = False  # the user's choice stands until the device changes again
     assert widget.fast.value is False
+
+
+@pytest.mark.parametrize("name", ["Denoise", "Fine-tune"])
+def test_fast_path_box_is_disabled_where_bf16_cannot_run(make_napari_viewer, no_bf16, name):
+    widget = dock(make_napari_viewer(), name)
+    for device in ("cpu", "auto"):
+        widget.device.value = device
+        assert widget.fast.value is False and widget.fast.enabled is False
+        assert "cannot run the bfloat16 fast path" in widget.fast.tooltip
+        assert widget.fast.native.isEnabled() is False  # greyed out in the dock, not only in magicgui

@@ -78,6 +78,7 @@ def run_denoise(args: argparse.Namespace) -> int:
         raise UsageError(f"{output}: refusing to overwrite the input; choose another output with -o")
     if not output.parent.is_dir():
         raise UsageError(f"{output}: the folder {output.parent} does not exist")
+    runtime = _runtime(args)
 
     with contextlib.ExitStack() as stack:
         image = read_image(args.input, args.dataset)
@@ -89,7 +90,7 @@ def run_denoise(args: argparse.Namespace) -> int:
         bar = stack.enter_context(_progress_bar(f"denoising {args.input.name}"))
         denoise(
             image.data, model, tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
-            device=_runtime(args), progress=bar, out=result, time_axis=time_axis,
+            device=runtime, progress=bar, out=result, time_axis=time_axis,
         )
         denoised = Image(result, image.name, image.axes, image.scale, image.unit)
         write_image(output, output_format, denoised)
@@ -118,11 +119,12 @@ def run_demo(args: argparse.Namespace) -> int:
     from .synthetic import sample_recording
 
     output_format = _format(args.output, "output") if args.output else None
+    runtime = _runtime(args)
     model = _load_model(args.model)
     noisy, clean = sample_recording()
     start = time.perf_counter()
     with _progress_bar("denoising the sample") as bar:
-        result = denoise(noisy, model, device=_runtime(args), progress=bar)
+        result = denoise(noisy, model, device=runtime, progress=bar)
     seconds = time.perf_counter() - start
     before, after = psnr_db(noisy, clean), psnr_db(result, clean)
     print(f"sample {' x '.join(map(str, noisy.shape))}: PSNR {before:.2f} dB noisy -> {after:.2f} dB denoised "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import os
 import sys
 from dataclasses import dataclass
 
@@ -45,10 +46,46 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+DISABLE_BF16 = "NAPARI_CNNT_DISABLE_BF16"
+"""Set to 1 to treat the CPU as one without bfloat16: what an AVX2-only machine does."""
+
+
+class FastPathUnavailable(ValueError):
+    """The bfloat16 fast path was asked for on hardware that cannot run it."""
+
+
+@functools.cache
+def cpu_runs_bf16() -> bool:
+    """Whether oneDNN can execute bfloat16 convolutions on this CPU, found by running one.
+
+    PyTorch refuses oneDNN's bf16 convolutions unless the CPU has AVX512 (BW,
+    VL, DQ) or AVX-NE-CONVERT, and ``ONEDNN_MAX_CPU_ISA`` can lower what
+    oneDNN may use; a flag in /proc/cpuinfo says neither, so the operator the
+    fast path depends on (a convolution with a fused GELU, in bf16) is run once
+    on a tiny input and compared with float32.
+    """
+    if os.environ.get(DISABLE_BF16, "").strip().lower() not in ("", "0", "false", "no"):
+        return False
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand(1, 8, 6, 6, generator=gen).to(memory_format=torch.channels_last)
+        w = torch.rand(8, 8, 3, 3, generator=gen).to(memory_format=torch.channels_last) / 8
+        with torch.inference_mode():
+            got = op(x.bfloat16(), w.bfloat16(), None, [1, 1], [1, 1], [1, 1], 1, "gelu", [], "none")
+            want = torch.nn.functional.gelu(torch.nn.functional.conv2d(x, w, padding=1))
+        return bool(torch.allclose(got.float(), want, rtol=0.05, atol=0.05))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16)."""
-    if not torch.backends.mkldnn.is_available():
+    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16) and
+    oneDNN runs it; elsewhere bf16 would be emulated and slower than float32."""
+    if not cpu_runs_bf16():
         return False
     if sys.platform.startswith("linux"):
         try:
@@ -63,11 +100,24 @@ def cpu_has_native_bf16() -> bool:
 
 
 def fast_path_supported(device: torch.device) -> bool:
+    """Whether the fast path pays off on ``device`` (the default for ``fast=None``)."""
     if device.type == "cpu":
         return cpu_has_native_bf16()
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return False
+
+
+def fast_path_unavailable(device: torch.device) -> str | None:
+    """Why the fast path cannot run on ``device``, or ``None`` if it can."""
+    if device.type == "cpu" and not cpu_runs_bf16():
+        if os.environ.get(DISABLE_BF16):
+            return f"the bfloat16 fast path is switched off on this computer ({DISABLE_BF16} is set)"
+        return ("this CPU cannot run the bfloat16 fast path (it needs AVX512-BF16 or AMX, "
+                "as on Intel Xeon since Cooper Lake or AMD Zen 4); use float32 instead")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "this GPU cannot run the bfloat16 fast path; use float32 instead"
+    return None
 
 
 @dataclass(frozen=True)
@@ -82,9 +132,15 @@ class Runtime:
 
     @classmethod
     def create(cls, device: str | torch.device | None = "auto", fast: bool | None = None) -> Runtime:
+        """``fast=True`` where the hardware cannot run bf16 raises :class:`FastPathUnavailable`."""
         dev = resolve_device(device)
-        use_fast = fast_path_supported(dev) if fast is None else bool(fast)
-        return cls(dev, use_fast)
+        if fast is None:
+            return cls(dev, fast_path_supported(dev))
+        if fast:
+            reason = fast_path_unavailable(dev)
+            if reason is not None:
+                raise FastPathUnavailable(reason)
+        return cls(dev, bool(fast))
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move ``model`` (in place) to the device, channels-last where it pays off."""

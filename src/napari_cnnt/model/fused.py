@@ -17,10 +17,19 @@ from torch import nn
 from .layers import CNNTBlock, FrameConv, _frames, _is_channels_last, _unframes
 
 
-@functools.cache
-def _onednn_conv_gelu_available() -> bool:
+def _onednn_conv_gelu_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether oneDNN's convolution with a fused exact GELU runs (and agrees with the
-    plain one) in this build of PyTorch; it is a private operator, so it is probed."""
+    plain one) for ``dtype`` in this build of PyTorch on this CPU; it is a private
+    operator, and its bf16 form needs hardware support, so both are probed."""
+    if dtype == torch.bfloat16:
+        from .. import runtime
+
+        return runtime.cpu_runs_bf16()
+    return dtype == torch.float32 and _float32_conv_gelu_runs()
+
+
+@functools.cache
+def _float32_conv_gelu_runs() -> bool:
     op = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return False
@@ -33,7 +42,7 @@ def _onednn_conv_gelu_available() -> bool:
             fused = op(x, w, b, [1, 1], [1, 1], [1, 1], 1, "gelu", [], "none")
             plain = F.gelu(F.conv2d(x, w, b, padding=1))
         return bool(torch.allclose(fused, plain, rtol=1e-4, atol=1e-4))
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, NotImplementedError):
         return False
 
 
@@ -88,7 +97,7 @@ class FusedMixer(nn.Sequential):
 
     def _mix(self, frames: torch.Tensor) -> torch.Tensor:
         conv = self.expand
-        if frames.device.type == "cpu" and _onednn_conv_gelu_available():
+        if frames.device.type == "cpu" and _onednn_conv_gelu_available(frames.dtype):
             hidden = torch.ops.mkldnn._convolution_pointwise(
                 frames, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
                 conv.groups, "gelu", [], "none",

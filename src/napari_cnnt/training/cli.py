@@ -325,10 +325,12 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
 def _train(args: argparse.Namespace, command: str, run_name: str, ranks: Any, device: str | None) -> int:
     from ..model.checkpoint import save_model
+    from ..runtime import Runtime
     from .api import evaluate, provenance
     from .data import samples_from_keys
     from .trainer import Trainer
 
+    Runtime.create(device, args.fast)  # an impossible --device or --fast is refused before any data is read
     model, base = _model(args, command)
     lsuv = base is None and not args.skip_LSUV
     settings = _settings(args, lsuv)

@@ -13,7 +13,7 @@ from napari.utils.notifications import show_error
 from qtpy.QtWidgets import QComboBox, QFileDialog
 
 from ...model.checkpoint import CheckpointError
-from ...runtime import fast_path_supported, resolve_device
+from ...runtime import fast_path_supported, fast_path_unavailable, resolve_device
 from .models import MODELS, ModelEntry, add_file
 
 MODEL_FILES = "CNNT models (*.safetensors *.pt *.pth);;All files (*)"
@@ -88,6 +88,14 @@ def fast_path_default(device: str) -> bool:
         return False
 
 
+def fast_path_blocker(device: str) -> str | None:
+    """Why ``device`` cannot run the fast path, or ``None`` if it can."""
+    try:
+        return fast_path_unavailable(resolve_device(device))
+    except ValueError as e:
+        return str(e)
+
+
 FAST_PATH_TIP = (
     "bfloat16 arithmetic: 2-3x faster on CPUs with AVX512-BF16 or AMX, faster on GPUs, "
     "slightly less exact; on other CPUs it is slower."
@@ -95,11 +103,19 @@ FAST_PATH_TIP = (
 
 
 def device_widgets() -> tuple[ComboBox, CheckBox]:
-    """The *Device* choice and the *Fast path* box, which follows the device's support."""
+    """The *Device* choice and the *Fast path* box, which follows the device's support:
+    ticked where it pays off, and disabled, saying why, where it cannot run."""
     device = compact(ComboBox(label="Device", choices=device_choices()))
-    fast = CheckBox(text="Fast path (bfloat16)", value=fast_path_default("auto"))
-    fast.tooltip = FAST_PATH_TIP
-    device.changed.connect(lambda value: setattr(fast, "value", fast_path_default(value)))
+    fast = CheckBox(text="Fast path (bfloat16)")
+
+    def follow(value: str) -> None:
+        blocker = fast_path_blocker(value)
+        fast.value = blocker is None and fast_path_default(value)
+        fast.enabled = blocker is None
+        fast.tooltip = FAST_PATH_TIP if blocker is None else sentence(f"Not available: {blocker}")
+
+    follow(device.value)
+    device.changed.connect(follow)
     return device, fast
 
 
