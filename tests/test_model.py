@@ -30,7 +30,10 @@ def test_reference_fixture_reproduced(name):
 
 
 def test_small_preset_has_a_reference_fixture():
-    assert load_model(reference_fixtures.FOLDER / "small.pt").config == preset("small")
+    assert load_model(reference_fixtures.FOLDER / "small.pt").config == preset("small"), (
+        "the small preset no longer matches its reference fixture; make the fixtures again "
+        "(tests/fixtures/README.md)"
+    )
 
 
 def test_reference_fixtures_cover_every_option():
