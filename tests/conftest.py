@@ -18,14 +18,20 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("bf16"):
             item.add_marker(pytest.mark.skip(reason=NO_BF16))
 
-FIXTURES = Path(os.environ.get("CNNT_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
-
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    if not (FIXTURES / "seedfmt_default.pt").is_file():
-        pytest.skip(f"reference fixtures not found in {FIXTURES} (set CNNT_FIXTURES)")
-    return FIXTURES
+    """The folder of the full-size reference checkpoint (``seedfmt_default.pt``, 53 MB, not in the
+    repository), named by the environment variable ``CNNT_FIXTURES``; tests using it skip without it.
+
+    The small fixtures in the repository are in ``reference_fixtures``; they need no set-up.
+    """
+    folder = os.environ.get("CNNT_FIXTURES")
+    if not folder:
+        pytest.skip("full-size reference fixture not given: set CNNT_FIXTURES to the folder holding seedfmt_default.pt")
+    if not (Path(folder) / "seedfmt_default.pt").is_file():
+        pytest.skip(f"CNNT_FIXTURES={folder} holds no seedfmt_default.pt")
+    return Path(folder)
 
 
 @pytest.fixture

@@ -4,11 +4,12 @@ import shutil
 
 import numpy as np
 import pytest
+import reference_fixtures
 import torch
 
 import napari_cnnt
 from napari_cnnt import CheckpointError, load_model, save_model
-from napari_cnnt.model import CNNTDenoiser
+from napari_cnnt.model import CNNTDenoiser, preset
 from napari_cnnt.normalization import Normalization
 
 
@@ -52,14 +53,19 @@ def test_save_is_atomic(tmp_path, tiny_config, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
-def test_reference_checkpoint_with_config_argument(fixtures_dir, tmp_path):
+# A reference checkpoint that keeps the reference's attn.mask buffers, with its run JSON.
+WITH_MASKS = reference_fixtures.FOLDER / f"{reference_fixtures.WITH_MASKS[0]}.pt"
+
+
+def test_reference_checkpoint_with_config_argument(tmp_path):
+    assert any(k.endswith("attn.mask") for k in torch.load(WITH_MASKS, weights_only=True))
     pt = tmp_path / "weights.pt"
-    shutil.copy(fixtures_dir / "seedfmt_default.pt", pt)
+    shutil.copy(WITH_MASKS, pt)
     with pytest.raises(CheckpointError, match="weights.json"):
         load_model(pt)
-    run = json.loads((fixtures_dir / "seedfmt_default.json").read_text())
+    run = json.loads(WITH_MASKS.with_suffix(".json").read_text())
     a = load_model(pt, config=run)
-    b = load_model(pt, config=fixtures_dir / "seedfmt_default.json")
+    b = load_model(pt, config=WITH_MASKS.with_suffix(".json"))
     assert a.normalization == Normalization("fixed", 0, 65536)
     assert _same_outputs(a, b, (1, 2, 1, 32, 32))
     # re-saved in napari-cnnt's format it gives the same numbers, without the mask buffers
@@ -70,15 +76,26 @@ def test_reference_checkpoint_with_config_argument(fixtures_dir, tmp_path):
     assert out.stat().st_size < 0.95 * pt.stat().st_size
 
 
-def test_reference_checkpoint_with_wrong_architecture(fixtures_dir, tmp_path):
-    run = json.loads((fixtures_dir / "seedfmt_default.json").read_text())
-    run["blocks_per_set"] = 2
+def test_reference_checkpoint_with_napari_cnnt_configuration():
+    """A .pt whose JSON is napari-cnnt's configuration (widths a reference run JSON cannot hold)."""
+    pt = reference_fixtures.FOLDER / "small.pt"
+    a = load_model(pt)
+    assert a.config == preset("small")
+    assert _same_outputs(a, load_model(pt, config=preset("small")), (1, 2, 1, 32, 32))
+
+
+def test_reference_checkpoint_with_wrong_architecture():
+    run = json.loads(WITH_MASKS.with_suffix(".json").read_text())
+    run["blocks_per_set"] += 1
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(WITH_MASKS, config=run)
+    run["blocks_per_set"] -= 2
     with pytest.raises(CheckpointError, match="unexpected"):
-        load_model(fixtures_dir / "seedfmt_default.pt", config=run)
-    run["blocks_per_set"] = 4
-    run["blocks"] = [32, 64, 128]
+        load_model(WITH_MASKS, config=run)
+    run["blocks_per_set"] += 1
+    run["blocks"] = run["blocks"][:-1] + [2 * run["blocks"][-1]]
     with pytest.raises(CheckpointError, match="shape"):
-        load_model(fixtures_dir / "seedfmt_default.pt", config=run)
+        load_model(WITH_MASKS, config=run)
 
 
 def test_bundled_model_missing_is_explained(monkeypatch, tmp_path):
@@ -99,10 +116,11 @@ def test_truncated_native_file(tmp_path, tiny_config, cut):
         load_model(bad)
 
 
-def test_truncated_reference_file(fixtures_dir, tmp_path):
+def test_truncated_reference_file(tmp_path):
     bad = tmp_path / "bad.pt"
-    bad.write_bytes((fixtures_dir / "seedfmt_default.pt").read_bytes()[:1_000_000])
-    shutil.copy(fixtures_dir / "seedfmt_default.json", tmp_path / "bad.json")
+    data = WITH_MASKS.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    shutil.copy(WITH_MASKS.with_suffix(".json"), tmp_path / "bad.json")
     with pytest.raises(CheckpointError, match=r"bad\.pt.*(truncated|corrupted)"):
         load_model(bad)
 

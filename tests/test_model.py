@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import reference_fixtures
 import torch
 import torch.nn.functional as F
 
@@ -12,14 +13,43 @@ from napari_cnnt.model import CNNTConfig, CNNTDenoiser, ConfigError, preset
 from napari_cnnt.model.layers import BlockSet, CNNTAttention
 
 
-def test_fixture_reproduced(fixtures_dir):
-    model = load_model(fixtures_dir / "seedfmt_default.pt")
+def _reproduces(model, io_file):
     assert not model.training
-    io = np.load(fixtures_dir / "seedfmt_default_io.npz")
+    io = np.load(io_file)
     with torch.inference_mode():
         y = model(torch.from_numpy(io["x"])).numpy()
     assert y.shape == io["y"].shape
     assert np.abs(y - io["y"]).max() < 1e-5
+
+
+@pytest.mark.parametrize("name", reference_fixtures.NAMES)
+def test_reference_fixture_reproduced(name):
+    """Each reference model, loaded from its .pt and JSON, gives the reference's output to 1e-5."""
+    folder = reference_fixtures.FOLDER
+    _reproduces(load_model(folder / f"{name}.pt"), folder / f"{name}_io.npz")
+
+
+def test_small_preset_has_a_reference_fixture():
+    assert load_model(reference_fixtures.FOLDER / "small.pt").config == preset("small"), (
+        "the small preset no longer matches its reference fixture; make the fixtures again "
+        "(tests/fixtures/README.md)"
+    )
+
+
+def test_reference_fixtures_cover_every_option():
+    configs = [load_model(reference_fixtures.FOLDER / f"{n}.pt").config for n in reference_fixtures.NAMES]
+    assert {c.levels for c in configs} == {2, 3, 4}
+    assert {c.norm_mode for c in configs} == {"layer", "batch", "instance", "mixed"}
+    for option in ("with_mixer", "no_residual", "is_causal"):
+        assert {getattr(c, option) for c in configs} == {False, True}, option
+    assert {c.kernel_size for c in configs} >= {3, 5}
+    assert {c.blocks_per_set for c in configs} >= {1, 2, 4}
+    assert {c.n_head for c in configs} >= {1, 8}
+    assert {c.pre_channels for c in configs} == {(16, 32), preset("small").pre_channels}
+
+
+def test_full_size_fixture_reproduced(fixtures_dir):
+    _reproduces(load_model(fixtures_dir / "seedfmt_default.pt"), fixtures_dir / "seedfmt_default_io.npz")
 
 
 def _reference_attention(attn: CNNTAttention, x: torch.Tensor) -> torch.Tensor:
