@@ -91,6 +91,8 @@ class History:
         name = METRIC_NAMES.get(self.metric, self.metric)
         if not self.initial:
             return f"kept the weights of epoch {self.best_epoch} (no validation)"
+        if self.best_epoch == 0 and not self.records:
+            return "kept the starting model: no epoch was finished"
         if self.best_epoch == 0:
             return f"kept the starting model: validation {name} did not improve"
         start, best = self.initial.get(self.metric, math.nan), self.best.get(self.metric, math.nan)
