@@ -83,15 +83,17 @@ def test_finetuning_on_a_new_structure_raises_validation_psnr(filaments_model):
 def test_history_reports_every_epoch_and_the_callback_every_step(model):
     events = []
     _, history = napari_cnnt.finetune(
-        model, [pair("filaments", 0), pair("filaments", 1), pair("filaments", 2)], epochs=2, lr=1e-3,
-        callback=events.append, patch_sizes=(16, 8), time=4, batch_size=2, fast=False,
+        model, [pair("filaments", 0), pair("filaments", 1), pair("filaments", 2)], "reference",
+        val_pairs=[pair("filaments", 2)], epochs=2, lr=1e-3, callback=events.append, patch_sizes=(16, 8), time=4,
+        batch_size=2, fast=False,
     )
-    # 3 pairs -> 2 train, 1 validates; 2 patch sizes x 1 batch per epoch
-    assert history.split.train == ["pair 0", "pair 1"] and history.split.val == ["pair 2"]
+    # 3 pairs train, one validates; 2 patch sizes x 1 batch per epoch
+    assert history.split.train == ["pair 0", "pair 1", "pair 2"] and history.split.val == ["val pair 0"]
     assert [(e.event, e.epoch, e.step) for e in events] == [
         ("step", 1, 1), ("step", 1, 2), ("epoch", 1, 2), ("step", 2, 1), ("step", 2, 2), ("epoch", 2, 2),
     ]
     assert events[2].record == history.records[0]
+    assert events[0].remaining > 0 and events[2].elapsed > 0
     for r in history.records:
         assert set(r) == {"epoch", "train_loss", "val_loss", "val_psnr", "val_ssim", "lr", "seconds"}
         assert r["lr"] == 1e-3 and r["seconds"] > 0 and 0 < r["val_ssim"] <= 1
@@ -136,7 +138,7 @@ def test_stop_mid_epoch_returns_best_weights_and_leaves_a_checkpoint(model, tmp_
 
 def test_resume_continues_the_history_exactly(model, tmp_path):
     pairs = [pair("filaments", 0), pair("puncta", 1), pair("filaments", 2)]
-    args = dict(val_pairs=pairs[:1], lr=1e-3, patches_per_sample=2, **TINY)
+    args = dict(recipe="reference", val_pairs=pairs[:1], lr=1e-3, patches_per_sample=2, **TINY)
     full, h_full = napari_cnnt.finetune(model, pairs, epochs=4, **args)
 
     ckpt = tmp_path / "run.ckpt"
@@ -175,15 +177,21 @@ def test_checkpoint_holds_no_code(model, tmp_path):
         load_checkpoint_model(ckpt)
 
 
-@pytest.mark.parametrize("scheduler", ["StepLR", "OneCycleLR", "none"])
+@pytest.mark.parametrize("scheduler", ["StepLR", "OneCycleLR", "WarmupCosine", "none"])
 def test_schedulers_and_optimiser_options(model, scheduler):
+    events = []
     _, h = napari_cnnt.finetune(
-        model, [pair("filaments", 0)], epochs=2, lr=1e-3, scheduler=scheduler, no_w_decay=True, clip_grad_norm=0,
-        **TINY,
+        model, [pair("filaments", 0)], epochs=2, steps_per_epoch=5, lr=1e-3, scheduler=scheduler, warmup=0.2,
+        no_w_decay=True, clip_grad_norm=0, callback=events.append, **TINY,
     )
     lrs = h["lr"]
     if scheduler == "OneCycleLR":
         assert lrs[0] < 1e-3 and lrs[1] != lrs[0]
+    elif scheduler == "WarmupCosine":  # 2 warm-up steps, then a cosine over the other 8
+        steps = [e.lr for e in events if e.event == "step"]
+        assert steps[:3] == pytest.approx([5e-4, 1e-3, 1e-3])
+        assert all(a > b for a, b in zip(steps[2:], steps[3:])) and steps[-1] == pytest.approx(1e-3 * (
+            0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * 7 / 8))))
     else:
         assert lrs == [1e-3, 1e-3]
 
@@ -211,6 +219,10 @@ def test_fast_path_matches_float32(model):
         ({"scheduler": "cosine"}, "scheduler must be"),
         ({"time": 0}, "time must be"),
         ({"area_thres": 2}, "area_thres"),
+        ({"select": "psnr"}, "select must be"),
+        ({"augment": ("shear",)}, "unknown augmentation"),
+        ({"patience": -1}, "patience must be"),
+        ({"warmup": 1.5}, "warmup must be"),
     ],
 )
 def test_absurd_settings_are_refused(model, options, message):
@@ -222,6 +234,8 @@ def test_absurd_settings_are_refused(model, options, message):
 def test_other_bad_calls(model, tiny_config):
     with pytest.raises(TypeError, match="unknown training option"):
         napari_cnnt.finetune(model, [pair("filaments", 0)], learning_rate=1)
+    with pytest.raises(ValueError, match="unknown recipe 'paper'; choose from few-sample, reference, backbone"):
+        napari_cnnt.finetune(model, [pair("filaments", 0)], "paper")
     with pytest.raises(TypeError, match="CNNTDenoiser"):
         napari_cnnt.finetune("model.pt", [pair("filaments", 0)])
     with pytest.raises(TypeError, match="is_set"):

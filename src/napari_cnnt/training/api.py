@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,7 +16,7 @@ from ..normalization import Normalization
 from ..runtime import Runtime
 from .data import Sample, Split, samples_from_h5, samples_from_pairs, split_samples
 from .history import History, Progress
-from .plan import Plan, plan_run
+from .plan import Plan, fit_to_time, plan_run
 from .recipes import DEFAULT_FINETUNE, DEFAULT_TRAIN, Recipe, get_recipe
 from .trainer import Trainer, TrainSettings, metrics
 
@@ -59,8 +60,10 @@ def prepare_run(
     recipe: str | Recipe,
     options: dict[str, Any],
     runtime: Runtime,
+    checkpoint: str | os.PathLike | None = None,
 ) -> tuple[list[Sample], list[Sample], Split, Plan]:
-    """Samples, the split and the plan of a run, before any training: what the widget estimates from."""
+    """Samples, the split and the plan of a run (one step timed), before any training: what the
+    widget estimates from. A run resumed from ``checkpoint`` keeps the epochs it was planned with."""
     recipe = get_recipe(recipe)
     recipe.with_options(**options)  # unknown or absurd options are refused before the data are read
     norm = model.normalization
@@ -71,8 +74,19 @@ def prepare_run(
         val = load_samples(val_data, norm, "val pair")
     train, val, split = split_samples(samples, val)
     parameters = sum(p.numel() for p in model.parameters())
+    if recipe.minutes and checkpoint is not None and os.path.exists(checkpoint) and "epochs" not in options:
+        options = {**options, "epochs": planned_epochs(checkpoint)}
     plan = plan_run(recipe, options, model.config, train, val, runtime, parameters)
+    val_patches = len(val) * plan.settings.val_patches_per_sample * (1 if plan.settings.val_patch_size else 2)
+    plan = fit_to_time(recipe, options, plan, model, runtime, val_patches)
     return train, val, split, plan
+
+
+def planned_epochs(checkpoint: str | os.PathLike) -> int:
+    """The epochs a checkpointed run with a time budget was planned with."""
+    from .trainer import read_training_checkpoint
+
+    return int(json.loads(read_training_checkpoint(checkpoint)["fingerprint"])["settings"]["epochs"])
 
 
 def _run(
@@ -87,7 +101,7 @@ def _run(
     **engine: Any,
 ) -> tuple[CNNTDenoiser, History]:
     runtime = device if isinstance(device, Runtime) else Runtime.create(device, fast)
-    train, val, split, plan = prepare_run(model, data, val_data, recipe, options, runtime)
+    train, val, split, plan = prepare_run(model, data, val_data, recipe, options, runtime, engine.get("checkpoint"))
     trainer = Trainer(model, train, val, plan.settings, split=split, device=runtime.device, fast=runtime.fast,
                       **engine)
     trained, history = trainer.run()

@@ -5,8 +5,8 @@ settings a run will use:
 
 - settings the recipe leaves to the data (``patch_sizes``, ``time``,
   ``val_patch_size``) are fitted to the samples: the largest multiple of
-  the model's size multiple that no sample needs padding for (not below
-  :data:`MIN_PATCH` pixels), and no more frames than the shortest stack;
+  the model's size multiple that no sample needs padding for, and no more
+  frames than the shortest stack;
 - fixed recipe values larger than every sample are shrunk to the largest
   sample, with a note;
 - values the caller gave that cannot work are refused with a
@@ -14,7 +14,10 @@ settings a run will use:
   sample, a time window longer than every stack, a run whose estimated
   peak memory exceeds what the machine has available;
 - the batch size, where the recipe leaves it open, is lowered until a step
-  fits in half the available memory.
+  fits in half the available memory;
+- a recipe with a time budget (``Recipe.minutes``) runs fewer epochs on a
+  machine too slow for all of them in that time (:func:`fit_to_time`),
+  unless the caller gave ``epochs``.
 
 Peak memory of a training step (:func:`step_bytes`) follows a rule measured
 with ``benchmarks/bench_finetune.py --measure-memory``: float values per
@@ -37,9 +40,6 @@ import numpy as np
 from .data import Sample
 from .recipes import Recipe
 from .trainer import TrainSettings
-
-MIN_PATCH = 32
-"""Automatic patches are not made smaller than this (pixels): samples smaller than that are padded."""
 
 # Peak memory of one training step (forward, float32 loss, backward, AdamW) in
 # float32 values per input voxel, as a multiple of what inference needs
@@ -150,9 +150,8 @@ def _round_down(n: int, m: int) -> int:
 
 
 def _fit_edge(limit: int, edge: int, m: int) -> int:
-    """The largest multiple of ``m`` up to ``edge`` and up to ``limit`` (not below MIN_PATCH)."""
-    floor = max(m, -(-MIN_PATCH // m) * m)
-    return max(min(edge, floor), _round_down(min(edge, limit), m))
+    """The largest multiple of ``m`` up to ``edge`` and up to ``limit`` (at least ``m``)."""
+    return _round_down(min(edge, limit), m)
 
 
 def _shapes(samples: Sequence[Sample]) -> np.ndarray:
@@ -247,7 +246,7 @@ def fit_to_memory(
         h, w = max(settings.patch_sizes, key=lambda hw: hw[0] * hw[1])
         if settings.batch_size > 1:
             setting = "batch_size"
-        elif "patch_sizes" in given or h * w > MIN_PATCH**2:
+        elif "patch_sizes" in given or min(h, w) > config.size_multiple:
             setting = "patch_sizes"
         else:
             setting = "time"
@@ -286,8 +285,13 @@ def _steps(s: TrainSettings, n_train: int) -> int:
 
 
 # ----------------------------------------------------------------------------- time
-def time_per_step(model: Any, settings: TrainSettings, runtime: Any, repeats: int = 1) -> float:
-    """Seconds of one optimiser step at the run's largest patch, timed after a warm-up step.
+_STEP_TIMES: dict[tuple, float] = {}
+
+
+def time_per_step(model: Any, settings: TrainSettings, runtime: Any, repeats: int = 0) -> float:
+    """Seconds of one optimiser step at the run's largest patch: the first step, which is a little
+    slower than the ones after it (so the estimate errs on the long side), or the fastest of
+    ``repeats`` more. Measured once per model shape, step shape and runtime in a session.
 
     Runs on a copy of ``model`` with random data; the caller's model and RNG are untouched.
     """
@@ -296,6 +300,10 @@ def time_per_step(model: Any, settings: TrainSettings, runtime: Any, repeats: in
     from ..losses import CombinedLoss
 
     h, w = max(settings.patch_sizes, key=lambda hw: hw[0] * hw[1])
+    key = (model.config.to_json(), settings.batch_size, settings.time, h, w, str(runtime.device), runtime.fast,
+           settings.loss, repeats)
+    if key in _STEP_TIMES:
+        return _STEP_TIMES[key]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = runtime.prepare(copy.deepcopy(model).train())
@@ -313,22 +321,50 @@ def time_per_step(model: Any, settings: TrainSettings, runtime: Any, repeats: in
             opt.step()
             if runtime.device.type == "cuda":
                 torch.cuda.synchronize(runtime.device)
-            if i:
+            if i or not repeats:
                 best = min(best, time.perf_counter() - t0)
+    _STEP_TIMES[key] = best
     return best
 
 
-def estimate_time(model: Any, plan: Plan, runtime: Any, n_val_patches: int = 0) -> Estimate:
-    """``plan.estimate`` with the time a run takes on this machine, from a timed step.
+def _validation_seconds(step: float, s: TrainSettings, n_val_patches: int) -> float:
+    """One validation: forward passes only, about a third of a step per patch."""
+    return n_val_patches * step / (3 * s.batch_size)
 
-    Validation is counted as forward passes, about a third of a step per patch.
-    """
+
+def fit_to_time(
+    recipe: Recipe, given: Mapping[str, Any], plan: Plan, model: Any, runtime: Any, n_val_patches: int,
+) -> Plan:
+    """For a recipe with a time budget, time one step and lower the epochs to fit in the budget."""
+    s = plan.settings
+    if not (recipe.minutes and "epochs" not in given and s.steps_per_epoch):
+        return plan
+    step = time_per_step(model, s, runtime)
+    notes = list(plan.notes)
+    per_epoch = s.steps_per_epoch * step + _validation_seconds(step, s, n_val_patches)
+    epochs = int(min(s.epochs, max(recipe.min_epochs, (recipe.minutes * 60) // per_epoch)))
+    if epochs < s.epochs:
+        notes.append(f"{s.epochs} -> {epochs} epochs of {s.steps_per_epoch} steps, so that training takes "
+                     f"about {minutes_text(epochs * per_epoch)} on this machine (the {recipe.name} recipe "
+                     f"allows {minutes_text(recipe.minutes * 60)})")
+        s = replace(s, epochs=epochs)
+    n_train = plan.estimate.steps // plan.settings.epochs if plan.estimate.steps else 0
+    estimate = replace(plan.estimate, steps=s.epochs * n_train if n_train else plan.estimate.steps,
+                       seconds_per_step=step,
+                       validation_seconds=(s.epochs + 1) * _validation_seconds(step, s, n_val_patches))
+    return Plan(s, estimate, notes)
+
+
+def estimate_time(model: Any, plan: Plan, runtime: Any, n_val_patches: int = 0) -> Estimate:
+    """``plan.estimate`` with the time a run takes on this machine, from a timed step
+    (validation included: ``n_val_patches`` forward passes before training and after every epoch)."""
+    if plan.estimate.seconds is not None:
+        return plan.estimate
     s = plan.settings
     step = time_per_step(model, s, runtime)
-    rounds = s.epochs + 1
-    validation = rounds * n_val_patches * step / (3 * s.batch_size)
+    validation = (s.epochs + 1) * _validation_seconds(step, s, n_val_patches)
     return replace(plan.estimate, seconds_per_step=step, validation_seconds=validation)
 
 
-__all__ = ["Estimate", "MIN_PATCH", "Plan", "SettingError", "available_memory", "estimate_time", "fit_to_data",
-           "fit_to_memory", "minutes_text", "plan_run", "step_bytes", "time_per_step"]
+__all__ = ["Estimate", "Plan", "SettingError", "available_memory", "estimate_time", "fit_to_data",
+           "fit_to_memory", "fit_to_time", "minutes_text", "plan_run", "step_bytes", "time_per_step"]

@@ -29,12 +29,17 @@ class Recipe:
 
     ``auto`` lists settings (from :data:`AUTO_SETTINGS`) whose values in
     ``settings`` are upper bounds to be fitted to the data and the machine.
+    ``minutes`` is a time budget for training: on a machine too slow to run
+    all epochs in it, fewer are run (not fewer than ``min_epochs``), unless
+    the caller gives ``epochs``.
     """
 
     name: str
     description: str
     settings: TrainSettings
     auto: frozenset[str] = field(default_factory=frozenset)
+    minutes: float | None = None
+    min_epochs: int = 1
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.auto) - set(AUTO_SETTINGS))
