@@ -534,6 +534,9 @@ class Trainer:
             return None
         state = read_training_checkpoint(self.checkpoint)
         theirs, ours = json.loads(state["fingerprint"]), self.fingerprint()
+        if isinstance(theirs.get("settings"), dict):  # settings added since the checkpoint was written
+            defaults = TrainSettings().to_dict()
+            theirs["settings"] = {**{k: defaults[k] for k in ours["settings"] if k != "epochs"}, **theirs["settings"]}
         differ = [k for k in ours if theirs.get(k) != ours[k]]
         if differ:
             raise CheckpointMismatch(
