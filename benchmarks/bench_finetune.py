@@ -88,11 +88,15 @@ def scores(model, stacks, fast: bool) -> tuple[list[float], list[float]]:
 
     from napari_cnnt.cli import psnr_db
 
+    from napari_cnnt.runtime import Runtime
+
+    runtime = Runtime.create("cpu", fast)
     p, q = [], []
     for noisy, clean in stacks:
-        out = napari_cnnt.denoise(noisy, model, device="cpu", fast=fast)
+        out = napari_cnnt.denoise(noisy, model, device=runtime)
         p.append(psnr_db(out, clean))
-        q.append(float(structural_similarity(clean, out.astype(np.float32), data_range=float(clean.max() - clean.min()))))
+        data_range = float(clean.max() - clean.min())
+        q.append(float(structural_similarity(clean, out.astype(np.float32), data_range=data_range)))
     return p, q
 
 
