@@ -59,7 +59,8 @@ class Recipe:
 FEW_SAMPLE = Recipe(
     "few-sample",
     "Fine-tuning the bundled model on a few pairs on a laptop CPU (the default). A budget of 120 "
-    "optimiser steps (12 rounds of 10, validated after each), 4 random patches a step dealt evenly "
+    "optimiser steps (12 rounds of 10, validated after each; fewer rounds, at least 3, where they "
+    "would take more than 8 minutes on this machine), 4 random patches a step dealt evenly "
     "from the samples, flips, quarter turns and time reversal; AdamW at up to 4e-4 with a 10 % "
     "linear warm-up and a cosine decay; loss ssim + mse. Patches of up to 64 x 64 x 16 frames, "
     "never larger than the samples; the batch shrinks to fit in memory. The starting weights are "
@@ -72,6 +73,8 @@ FEW_SAMPLE = Recipe(
         clip_grad_norm=1.0, select="val_psnr", patience=4, augment=("flip", "rot90", "time_reverse"),
     ),
     frozenset({"patch_sizes", "time", "batch_size", "val_patch_size"}),
+    minutes=8.0,
+    min_epochs=3,
 )
 
 REFERENCE = Recipe(
