@@ -1,15 +1,17 @@
 """Fine-tuning the bundled backbone on 10 pairs of structures it never saw: zero-shot, the defaults, the reference.
 
 For each structure the backbone was never trained on (membranes and
-mitochondria, see ``napari_cnnt.synthetic.BACKBONE_STRUCTURES``) there are
-10 noisy/clean training pairs of 16 x SIZE x SIZE with random acquisition
-conditions, and held-out test stacks of 16 x 128 x 128 at three photon
-levels (300, 40 and 8 photons at the brightest pixel), from seeds used
-nowhere else. Each run fine-tunes with ``napari_cnnt.finetune(backbone,
-pairs)`` (the defaults: the few-sample recipe) or with
-``recipe="reference"``, in a fresh process so that its peak memory (RSS)
-is its own, and scores the result on the test stacks (PSNR against the
-truth's range, and SSIM).
+mitochondria, see ``napari_cnnt.synthetic.BACKBONE_STRUCTURES``) and each
+photon level (``--levels``, photons at the brightest pixel), a simulated
+microscope (random gain, offset, read noise, PSF, background, bleaching,
+drift and density, drawn once) records 10 noisy/clean training pairs of
+16 x SIZE x SIZE and 3 held-out test stacks of 16 x 128 x 128 of other
+scenes, from seeds used nowhere else: a user fine-tuning on a few pairs of
+their own microscope. Each run fine-tunes with
+``napari_cnnt.finetune(backbone, pairs)`` (the defaults: the few-sample
+recipe) or with ``recipe="reference"``, in a fresh process so that its peak
+memory (RSS) is its own, and scores the result on the test stacks (PSNR
+against the truth's range, and SSIM, mean over the stacks).
 
 CPU variants: ``fast`` (the bfloat16 fast path), ``f32`` (float32) and
 ``avx2`` (float32 with ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``,
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import platform
@@ -40,36 +43,43 @@ HERE = Path(__file__).resolve().parent
 STRUCTURES = ("membranes", "mitochondria")
 LEVELS = (300.0, 40.0, 8.0)
 TEST_SHAPE = (16, 128, 128)
+N_TRAIN, N_TEST = 10, 3
 TRAIN_SEED, TEST_SEED = 910_000, 710_000
 VARIANTS = {
     "fast": ({}, True),
     "f32": ({}, False),
     "avx2": ({"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}, False),
 }
-COLUMNS = ("variant", "cpu", "size", "structure", "method", "recipe", "psnr_db", "gain_db", "ssim",
-           "psnr_300", "psnr_40", "psnr_8", "wall_s", "peak_rss_gb", "steps", "epochs_run", "best_epoch",
-           "outcome")
+COLUMNS = ("variant", "cpu", "size", "structure", "photons", "method", "recipe", "psnr_db", "gain_db", "ssim",
+           "zero_shot_db", "wall_s", "peak_rss_gb", "steps", "epochs_run", "best_epoch", "outcome")
 
 
-def recording(seed: int, structure: str, shape, photons: float | None = None):
-    """A recording of one structure with random acquisition conditions (``photons`` fixes the level)."""
-    from napari_cnnt.synthetic import random_conditions, simulate
+def microscope(structure: str, photons: float) -> dict:
+    """The acquisition conditions of one simulated microscope, at a fixed photon level."""
+    from napari_cnnt.synthetic import random_conditions
 
-    rng = np.random.default_rng([seed, 0xF1E7])
-    settings = random_conditions(rng)
-    if photons is not None:
-        settings["peak_photons"] = photons
-    return simulate(shape, structures=(structure,), seed=seed, **settings)
+    rng = np.random.default_rng([STRUCTURES.index(structure), int(photons), 0xF1E7])
+    return {**random_conditions(rng), "peak_photons": float(photons)}
 
 
-def training_pairs(structure: str, size: int) -> list:
-    offset = 1000 * STRUCTURES.index(structure)
-    return [recording(TRAIN_SEED + offset + i, structure, (16, size, size)) for i in range(10)]
+def recording(seed: int, structure: str, shape, photons: float):
+    from napari_cnnt.synthetic import simulate
+
+    return simulate(shape, structures=(structure,), seed=seed, **microscope(structure, photons))
 
 
-def test_stacks(structure: str) -> list:
-    offset = 1000 * STRUCTURES.index(structure)
-    return [recording(TEST_SEED + offset + k, structure, TEST_SHAPE, p) for k, p in enumerate(LEVELS)]
+def _offset(structure: str, photons: float) -> int:
+    return 1000 * (STRUCTURES.index(structure) * len(LEVELS) + LEVELS.index(photons))
+
+
+def training_pairs(structure: str, photons: float, size: int) -> list:
+    return [recording(TRAIN_SEED + _offset(structure, photons) + i, structure, (16, size, size), photons)
+            for i in range(N_TRAIN)]
+
+
+def test_stacks(structure: str, photons: float) -> list:
+    return [recording(TEST_SEED + _offset(structure, photons) + k, structure, TEST_SHAPE, photons)
+            for k in range(N_TEST)]
 
 
 def cpu_name() -> str:
@@ -106,16 +116,17 @@ def one_run(spec: dict) -> dict:
     import torch
 
     fast = spec["fast"]
-    stacks = test_stacks(spec["structure"])
+    stacks = test_stacks(spec["structure"], spec["photons"])
     backbone = napari_cnnt.load_model()
     zero_p, _ = scores(backbone, stacks, fast)
     row = {"variant": spec["variant"], "cpu": cpu_name(), "size": spec["size"], "structure": spec["structure"],
-           "method": spec["method"], "recipe": "", "steps": 0, "epochs_run": 0, "best_epoch": "", "outcome": ""}
+           "photons": spec["photons"], "method": spec["method"], "recipe": "", "steps": 0, "epochs_run": 0,
+           "best_epoch": "", "outcome": ""}
     t0 = time.perf_counter()
     if spec["method"] == "zero-shot":
         model = backbone
     else:
-        pairs = training_pairs(spec["structure"], spec["size"])
+        pairs = training_pairs(spec["structure"], spec["photons"], spec["size"])
         recipe = "few-sample" if spec["method"] == "defaults" else "reference"
         steps = []
         model, history = napari_cnnt.finetune(backbone, pairs, recipe, device="cpu", fast=fast,
@@ -127,9 +138,8 @@ def one_run(spec: dict) -> dict:
     wall = time.perf_counter() - t0
     p, q = scores(model, stacks, fast)
     row.update(psnr_db=round(float(np.mean(p)), 3), gain_db=round(float(np.mean(p) - np.mean(zero_p)), 3),
-               ssim=round(float(np.mean(q)), 4), wall_s=round(wall, 1),
+               ssim=round(float(np.mean(q)), 4), zero_shot_db=round(float(np.mean(zero_p)), 3), wall_s=round(wall, 1),
                peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-               **{f"psnr_{int(lv)}": round(v, 2) for lv, v in zip(LEVELS, p)},
                threads=torch.get_num_threads())
     return row
 
@@ -170,20 +180,20 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = sorted({int(r["size"]) for r in rows})
-    fig, axes = plt.subplots(len(sizes), len(STRUCTURES), figsize=(5 * len(STRUCTURES), 3.6 * len(sizes)),
+    panels = sorted({(int(r["size"]), float(r["photons"])) for r in rows})
+    fig, axes = plt.subplots(len(panels), len(STRUCTURES), figsize=(5 * len(STRUCTURES), 3.4 * len(panels)),
                              squeeze=False)
     markers = {"fast": "o", "f32": "s", "avx2": "^"}
     colours = {"zero-shot": "grey", "defaults": "tab:blue", "reference": "tab:orange"}
-    for i, size in enumerate(sizes):
+    for i, (size, photons) in enumerate(panels):
         for j, structure in enumerate(STRUCTURES):
             ax = axes[i][j]
             for r in rows:
-                if int(r["size"]) != size or r["structure"] != structure:
+                if (int(r["size"]), float(r["photons"])) != (size, photons) or r["structure"] != structure:
                     continue
                 ax.scatter(float(r["wall_s"]) / 60, float(r["psnr_db"]), marker=markers.get(r["variant"], "x"),
                            color=colours.get(r["method"], "black"), s=50)
-            ax.set_title(f"{structure}, 10 pairs of 16 x {size} x {size}")
+            ax.set_title(f"{structure}, {photons:g} photons, 10 pairs of 16 x {size} x {size}", fontsize=9)
             ax.set_xlabel("fine-tuning wall time (min)")
             ax.set_ylabel("test PSNR (dB, 3 stacks)")
             ax.grid(alpha=0.3)
@@ -202,6 +212,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", choices=("zero-shot", "defaults", "reference"),
                     default=["zero-shot", "defaults", "reference"])
     ap.add_argument("--structures", nargs="+", choices=STRUCTURES, default=list(STRUCTURES))
+    ap.add_argument("--levels", nargs="+", type=float, choices=LEVELS, default=[40.0, 8.0],
+                    help="photon levels (default: 40 8)")
     ap.add_argument("--csv", type=Path, default=HERE / "finetune.csv")
     ap.add_argument("--png", type=Path, default=HERE / "finetune.png")
     ap.add_argument("--append", action="store_true", help="add to the CSV instead of replacing it")
@@ -223,24 +235,24 @@ def main() -> None:
     for variant in args.variants:
         env_extra, fast = VARIANTS[variant]
         env = {**os.environ, **env_extra, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        for size in args.sizes:
-            for structure in args.structures:
-                for method in args.methods:
-                    if method == "zero-shot" and size != args.sizes[0]:
-                        continue  # the same model on the same test stacks
-                    spec = {"variant": variant, "fast": fast, "size": size, "structure": structure, "method": method}
-                    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
-                                         capture_output=True, text=True)
-                    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-                    if line is None:
-                        print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
-                        raise SystemExit(f"run {spec} failed")
-                    row = json.loads(line[7:])
-                    extra = {k: row.pop(k) for k in ("val", "notes", "threads") if k in row}
-                    rows.append(row)
-                    print(f"{variant:5s} {size:4d} {structure:13s} {method:10s} PSNR {row['psnr_db']:6.2f} dB "
-                          f"({row['gain_db']:+.2f}) SSIM {row['ssim']:.4f}  {row['wall_s']:6.1f} s  "
-                          f"{row['peak_rss_gb']:.2f} GB  {row['outcome']}  {extra}", flush=True)
+        for size, structure, photons, method in itertools.product(args.sizes, args.structures, args.levels,
+                                                                  args.methods):
+            if method == "zero-shot" and size != args.sizes[0]:
+                continue  # the same model on the same test stacks
+            spec = {"variant": variant, "fast": fast, "size": size, "structure": structure, "photons": photons,
+                    "method": method}
+            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
+                                 capture_output=True, text=True)
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+                raise SystemExit(f"run {spec} failed")
+            row = json.loads(line[7:])
+            extra = {k: row.pop(k) for k in ("val", "notes", "threads") if k in row}
+            rows.append(row)
+            print(f"{variant:5s} {size:4d} {structure:13s} {photons:4g} {method:10s} PSNR {row['psnr_db']:6.2f} dB "
+                  f"({row['gain_db']:+.2f}) SSIM {row['ssim']:.4f}  {row['wall_s']:6.1f} s  "
+                  f"{row['peak_rss_gb']:.2f} GB  {row['outcome']}  {extra}", flush=True)
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")

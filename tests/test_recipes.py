@@ -134,7 +134,7 @@ def test_few_sample_run_records_its_plan(tiny_config):
     tuned, history = napari_cnnt.finetune(model, [simulate((5, 40, 40), ("puncta",), seed=1)], epochs=2,
                                           steps_per_epoch=3, fast=False)
     t = tuned.metadata["training"]
-    assert t["recipe"] == "few-sample" and t["patch_sizes"] == [[32, 32]] and t["time"] == 5
+    assert t["recipe"] == "few-sample" and t["patch_sizes"] == [[24, 24]] and t["time"] == 5
     assert history.split.train == ["pair 0 columns 0-23"] and history.split.val == ["pair 0 columns 24-39"]
     assert len(history) == 2 and history.metric == "val_psnr"
 
