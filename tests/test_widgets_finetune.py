@@ -117,6 +117,8 @@ def test_stop_keeps_the_best_weights_and_the_gui_stays_responsive(make_napari_vi
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     finetune_widget.WARM_UP.join(30)  # a user chooses settings while the widget loads torch's optimizers
     qtbot.wait(500)  # let the new window finish its first paints
+    qtbot.waitUntil(lambda: widget.estimating is None and "on this machine" in widget.estimate.value,
+                    timeout=30_000)  # and reads the estimate
     click(qtbot, widget.start_button)
     timer.start(10)
     qtbot.waitUntil(lambda: len(widget.records) >= 2, timeout=60_000)
@@ -141,9 +143,9 @@ def test_stop_keeps_the_best_weights_and_the_gui_stays_responsive(make_napari_vi
 def test_stop_before_the_first_epoch_keeps_the_starting_weights(make_napari_viewer, qtbot, tiny_model,
                                                                  monkeypatch):
     viewer = make_napari_viewer()
-    _pair(viewer, (8, 32, 32))
+    _pair(viewer, (8, 64, 64))
     widget = dock(viewer, "Fine-tune")
-    _quick(widget, add_model(tiny_model, "tiny"), epochs=3, patch="16, 32", batch=1)  # two steps an epoch
+    _quick(widget, add_model(tiny_model, "tiny"), epochs=3, patch="16, 32", batch=1)
     started = []
     library_finetune = finetune_widget.finetune
 

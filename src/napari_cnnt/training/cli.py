@@ -165,7 +165,7 @@ def _add(subparsers: Any, command: str, help_text: str, description: str) -> Non
     g.add_argument("--skip_LSUV", action="store_true", help="no LSUV initialisation (never done when fine-tuning)")
     g.add_argument("--train_only", action="store_true", help="no validation; keep the last weights")
     g.add_argument("--time_scale", type=int, default=0, help="only 0 is supported")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, help=f"random seed ({show(r.seed)})")
 
     g = p.add_argument_group("output")
     g.add_argument("--run_name", help=f"names the output files (default: {command}_DATE_TIME)")
@@ -248,7 +248,7 @@ def _model(args: argparse.Namespace, command: str) -> tuple[Any, str | None]:
         normalization = Normalization("percentile", 1.5, 99.5)
     else:
         normalization = Normalization("fixed", *(args.im_value_scale or (0, 65536)))
-    return new_model(config, normalization, args.seed), None
+    return new_model(config, normalization, args.seed or 0), None
 
 
 def _options(args: argparse.Namespace, new_model: bool) -> dict[str, Any]:
@@ -287,7 +287,7 @@ def _data(args: argparse.Namespace, normalization: Any) -> tuple[list, list, lis
     """Train, validation and test samples by the reference's rules, and the split to report."""
     from .data import Split, h5_keys, samples_from_keys, split_h5_files
 
-    parts, notes = split_h5_files(args.h5files, args.ratio, args.fine_samples, args.seed)
+    parts, notes = split_h5_files(args.h5files, args.ratio, args.fine_samples, args.seed or 0)
     if args.val_case:
         parts["val"] = [(Path(f), k) for f in args.val_case for k in h5_keys(f)]
         notes = []

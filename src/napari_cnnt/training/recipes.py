@@ -61,16 +61,16 @@ FEW_SAMPLE = Recipe(
     "Fine-tuning the bundled model on a few pairs on a laptop CPU (the default). A budget of 120 "
     "optimiser steps (12 rounds of 10, validated after each; fewer rounds, at least 3, where they "
     "would take more than 8 minutes on this machine), 4 random patches a step dealt evenly "
-    "from the samples, flips, quarter turns and time reversal; AdamW at up to 4e-4 with a 10 % "
+    "from the samples, flips, quarter turns and time reversal; AdamW at up to 2e-4 with a 10 % "
     "linear warm-up and a cosine decay; loss ssim + mse. Patches of up to 64 x 64 x 16 frames, "
     "never larger than the samples; the batch shrinks to fit in memory. The starting weights are "
     "validated too, the weights with the best validation PSNR are kept, and training ends after "
-    "4 rounds without improvement.",
+    "6 rounds without improvement.",
     TrainSettings(
-        epochs=12, steps_per_epoch=10, lr=4e-4, scheduler="WarmupCosine", warmup=0.1,
+        epochs=12, steps_per_epoch=10, lr=2e-4, scheduler="WarmupCosine", warmup=0.1,
         loss=("ssim", "mse"), loss_weights=(1.0, 1.0), patch_sizes=((64, 64),), time=16, batch_size=4,
         val_patches_per_sample=3, optimizer="adamw", betas=(0.9, 0.99), weight_decay=0.0,
-        clip_grad_norm=1.0, select="val_psnr", patience=4, augment=("flip", "rot90", "time_reverse"),
+        clip_grad_norm=1.0, select="val_psnr", patience=6, augment=("flip", "rot90", "time_reverse"),
     ),
     frozenset({"patch_sizes", "time", "batch_size", "val_patch_size"}),
     minutes=8.0,
