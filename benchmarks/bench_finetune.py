@@ -174,6 +174,14 @@ print(f"{name:9s} fast={fast!s:5s} [{b}, {t}, {h}, {h}]: {grown / 2**30:.2f} GB,
                 subprocess.run([sys.executable, "-c", code, name, str(int(fast)), str(b), str(t), str(h)], check=True)
 
 
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -253,11 +261,7 @@ def main() -> None:
             print(f"{variant:5s} {size:4d} {structure:13s} {photons:4g} {method:10s} PSNR {row['psnr_db']:6.2f} dB "
                   f"({row['gain_db']:+.2f}) SSIM {row['ssim']:.4f}  {row['wall_s']:6.1f} s  "
                   f"{row['peak_rss_gb']:.2f} GB  {row['outcome']}  {extra}", flush=True)
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+            write_csv(rows, args.csv)  # after every run, so that an interrupted benchmark keeps what it measured
     print(f"wrote {args.csv}")
     try:
         plot(rows, args.png)
