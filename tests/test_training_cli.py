@@ -158,7 +158,7 @@ def test_finetune_defaults_are_the_few_sample_recipe(workdir, capsys):
     assert main(["finetune", "--h5files", "train.h5", "--fine_samples", "3", "--load_path", "backbone.pt",
                  "--num_epochs", "2", "--steps_per_epoch", "2", "--no-fast", "--run_name", "few"]) == 0
     err = capsys.readouterr().err
-    assert "recipe few-sample: 2 epochs x 2 steps of 4 patches of 6 x 32 x 32, lr 0.0004 (WarmupCosine)" in err
+    assert "recipe few-sample: 2 epochs x 2 steps of 4 patches of 6 x 32 x 32, lr 0.0002 (WarmupCosine)" in err
     meta = load_model("logs/model/few.safetensors").metadata
     assert meta["training"]["recipe"] == "few-sample" and meta["training"]["select"] == "val_psnr"
     assert meta["outcome"] in err
