@@ -65,7 +65,7 @@ def test_structures_bleaching_and_clipping():
 
 def test_unknown_structure_is_refused():
     with pytest.raises(ValueError, match="unknown structure"):
-        simulate((2, 32, 32), structures=("mitochondria",))
+        simulate((2, 32, 32), structures=("ribosomes",))
 
 
 def test_membranes_are_rings():

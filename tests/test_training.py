@@ -80,18 +80,37 @@ def test_finetuning_on_a_new_structure_raises_validation_psnr(filaments_model):
     assert tuned.metadata["epochs"] == 8 and tuned.metadata["training_data"]["val"] == ["val pair 0", "val pair 1"]
 
 
+def test_starting_weights_are_kept_when_training_does_not_help(filaments_model):
+    """Trained to copy its input (clean = noisy) at a learning rate that wrecks it, the model gets worse."""
+    from napari_cnnt.training.recipes import FEW_SAMPLE
+
+    backbone, _ = filaments_model
+    copies = [(n, n) for n, _ in (pair("filaments", s) for s in range(3))]
+    tuned, history = napari_cnnt.finetune(backbone, copies, val_pairs=[pair("filaments", 10)], lr=0.5, epochs=12,
+                                          steps_per_epoch=2, batch_size=2, fast=False)
+    assert history.kept_start and history.best_epoch == 0
+    assert all(v < history.initial["val_psnr"] for v in history["val_psnr"])
+    assert history.summary() == "kept the starting model: validation PSNR did not improve"
+    assert tuned.metadata["outcome"] == history.summary()
+    assert history.early and len(history) == FEW_SAMPLE.settings.patience  # stopped once it stopped improving
+    for k, v in backbone.state_dict().items():
+        torch.testing.assert_close(tuned.state_dict()[k], v, rtol=0, atol=0)
+
+
 def test_history_reports_every_epoch_and_the_callback_every_step(model):
     events = []
     _, history = napari_cnnt.finetune(
-        model, [pair("filaments", 0), pair("filaments", 1), pair("filaments", 2)], epochs=2, lr=1e-3,
-        callback=events.append, patch_sizes=(16, 8), time=4, batch_size=2, fast=False,
+        model, [pair("filaments", 0), pair("filaments", 1), pair("filaments", 2)], "reference",
+        val_pairs=[pair("filaments", 2)], epochs=2, lr=1e-3, callback=events.append, patch_sizes=(16, 8), time=4,
+        batch_size=2, fast=False,
     )
-    # 3 pairs -> 2 train, 1 validates; 2 patch sizes x 1 batch per epoch
-    assert history.split.train == ["pair 0", "pair 1"] and history.split.val == ["pair 2"]
+    # 3 pairs train, one validates; 2 patch sizes x 1 batch per epoch
+    assert history.split.train == ["pair 0", "pair 1", "pair 2"] and history.split.val == ["val pair 0"]
     assert [(e.event, e.epoch, e.step) for e in events] == [
         ("step", 1, 1), ("step", 1, 2), ("epoch", 1, 2), ("step", 2, 1), ("step", 2, 2), ("epoch", 2, 2),
     ]
     assert events[2].record == history.records[0]
+    assert events[0].remaining > 0 and events[2].elapsed > 0
     for r in history.records:
         assert set(r) == {"epoch", "train_loss", "val_loss", "val_psnr", "val_ssim", "lr", "seconds"}
         assert r["lr"] == 1e-3 and r["seconds"] > 0 and 0 < r["val_ssim"] <= 1
@@ -136,7 +155,7 @@ def test_stop_mid_epoch_returns_best_weights_and_leaves_a_checkpoint(model, tmp_
 
 def test_resume_continues_the_history_exactly(model, tmp_path):
     pairs = [pair("filaments", 0), pair("puncta", 1), pair("filaments", 2)]
-    args = dict(val_pairs=pairs[:1], lr=1e-3, patches_per_sample=2, **TINY)
+    args = dict(recipe="reference", val_pairs=pairs[:1], lr=1e-3, patches_per_sample=2, **TINY)
     full, h_full = napari_cnnt.finetune(model, pairs, epochs=4, **args)
 
     ckpt = tmp_path / "run.ckpt"
@@ -175,15 +194,21 @@ def test_checkpoint_holds_no_code(model, tmp_path):
         load_checkpoint_model(ckpt)
 
 
-@pytest.mark.parametrize("scheduler", ["StepLR", "OneCycleLR", "none"])
+@pytest.mark.parametrize("scheduler", ["StepLR", "OneCycleLR", "WarmupCosine", "none"])
 def test_schedulers_and_optimiser_options(model, scheduler):
+    events = []
     _, h = napari_cnnt.finetune(
-        model, [pair("filaments", 0)], epochs=2, lr=1e-3, scheduler=scheduler, no_w_decay=True, clip_grad_norm=0,
-        **TINY,
+        model, [pair("filaments", 0)], epochs=2, steps_per_epoch=5, lr=1e-3, scheduler=scheduler, warmup=0.2,
+        no_w_decay=True, clip_grad_norm=0, callback=events.append, **TINY,
     )
     lrs = h["lr"]
     if scheduler == "OneCycleLR":
         assert lrs[0] < 1e-3 and lrs[1] != lrs[0]
+    elif scheduler == "WarmupCosine":  # 2 warm-up steps, then a cosine over the other 8
+        steps = [e.lr for e in events if e.event == "step"]
+        assert steps[:3] == pytest.approx([5e-4, 1e-3, 1e-3])
+        assert all(a > b for a, b in zip(steps[2:], steps[3:])) and steps[-1] == pytest.approx(1e-3 * (
+            0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * 7 / 8))))
     else:
         assert lrs == [1e-3, 1e-3]
 
@@ -207,10 +232,14 @@ def test_fast_path_matches_float32(model):
         ({"batch_size": 0}, "batch_size"),
         ({"loss": ("ssim", "nope"), "loss_weights": (1, 1)}, "unknown loss"),
         ({"loss": ("ssim", "mse"), "loss_weights": (1,)}, "one weight per loss"),
-        ({"patch_sizes": (17,)}, "not a multiple of 2"),
+        ({"patch_sizes": (15,)}, "not a multiple of 2"),
         ({"scheduler": "cosine"}, "scheduler must be"),
         ({"time": 0}, "time must be"),
         ({"area_thres": 2}, "area_thres"),
+        ({"select": "psnr"}, "select must be"),
+        ({"augment": ("shear",)}, "unknown augmentation"),
+        ({"patience": -1}, "patience must be"),
+        ({"warmup": 1.5}, "warmup must be"),
     ],
 )
 def test_absurd_settings_are_refused(model, options, message):
@@ -222,6 +251,8 @@ def test_absurd_settings_are_refused(model, options, message):
 def test_other_bad_calls(model, tiny_config):
     with pytest.raises(TypeError, match="unknown training option"):
         napari_cnnt.finetune(model, [pair("filaments", 0)], learning_rate=1)
+    with pytest.raises(ValueError, match="unknown recipe 'paper'; choose from few-sample, reference, backbone"):
+        napari_cnnt.finetune(model, [pair("filaments", 0)], "paper")
     with pytest.raises(TypeError, match="CNNTDenoiser"):
         napari_cnnt.finetune("model.pt", [pair("filaments", 0)])
     with pytest.raises(TypeError, match="is_set"):

@@ -65,6 +65,9 @@ def test_reference_finetuning_command_runs_end_to_end(workdir, capsys):
     assert "epoch 2/2: train loss" in err
     assert "step/s" in err or "s/step" in err  # the progress bar
     assert "test (2 whole stacks)" in err
+    assert "recipe backbone: 2 epochs of 2 patches of 4 x 16 x 16, 32 x 32, lr 2.5e-05" in err
+    assert "peak memory about" in err
+    assert "kept epoch" in err or "kept the starting model: validation loss did not improve" in err
 
     model = load_model("logs/model/finetuning_run_0.safetensors")
     assert model.config.blocks == (8, 16)
@@ -82,9 +85,9 @@ def test_reference_finetuning_command_runs_end_to_end(workdir, capsys):
 
 
 def test_rerunning_the_same_command_resumes(workdir, capsys):
-    assert main(["finetune", *FINETUNE, "--no-fast"]) == 0
+    assert main(["finetune", *FINETUNE, "--no-fast", "--recipe", "reference"]) == 0
     first = _csv("logs/results/finetuning_run_0_metrics.csv")
-    args = [*FINETUNE, "--no-fast"]
+    args = [*FINETUNE, "--no-fast", "--recipe", "reference"]
     args[args.index("--num_epochs") + 1] = "3"
     assert main(["finetune", *args]) == 0
     assert "resuming from logs/check/finetuning_run_0.ckpt" in capsys.readouterr().err
@@ -112,6 +115,12 @@ def test_backbone_training_from_scratch(workdir, capsys):
         (["--global_lr", "-1"], "lr must be"),
         (["--num_epochs", "0"], "epochs must be"),
         (["--loss", "ssim", "mse"], "one weight per loss"),
+        (["--height", "1000", "--width", "1000"], "a patch of 1000 x 1000 is larger than every training sample "
+                                                  "(the largest is 32 x 32); lower --height/--width to at most "
+                                                  "32 x 32"),
+        (["--batch_size", "1000000", "--height", "32", "--width", "32"], "available; lower --batch_size"),
+        (["--time", "7"], "a time window of 7 frames is longer than every training stack (the longest has 6); "
+                          "lower --time to at most 6"),
     ],
 )
 def test_bad_command_lines_end_with_one_line(workdir, capsys, extra, message):
@@ -143,6 +152,16 @@ def test_two_process_torchrun_matches_one_process(workdir, capsys):
         for key in ("train_loss", "val_loss", "val_psnr"):
             assert b[key] == pytest.approx(a[key], rel=1e-3), key
     assert sorted(p.name for p in Path("logs/model").iterdir()) == ["ddp.safetensors", "single.safetensors"]
+
+
+def test_finetune_defaults_are_the_few_sample_recipe(workdir, capsys):
+    assert main(["finetune", "--h5files", "train.h5", "--fine_samples", "3", "--load_path", "backbone.pt",
+                 "--num_epochs", "2", "--steps_per_epoch", "2", "--no-fast", "--run_name", "few"]) == 0
+    err = capsys.readouterr().err
+    assert "recipe few-sample: 2 epochs x 2 steps of 4 patches of 6 x 32 x 32, lr 0.0002 (WarmupCosine)" in err
+    meta = load_model("logs/model/few.safetensors").metadata
+    assert meta["training"]["recipe"] == "few-sample" and meta["training"]["select"] == "val_psnr"
+    assert meta["outcome"] in err
 
 
 def test_finetune_without_a_model_says_how_to_give_one(workdir, capsys, monkeypatch):

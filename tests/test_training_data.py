@@ -198,3 +198,61 @@ def test_patch_sizes_and_split():
     assert "last 2" in str(split)
     train, val, split = split_samples(samples[:1], None)
     assert train == val and "optimistic" in str(split)
+
+
+def test_augmentations_keep_patches_a_recording_could_have_made():
+    """Flips, quarter turns and time reversal of the whole sample: all 16 variants occur, nothing else."""
+    stack = np.arange(4 * 6 * 6, dtype=np.float32).reshape(4, 6, 6)
+    sampler = PatchSampler([Sample("s", stack, stack + 1)], time=4, height=6, width=6, area_thres=0,
+                           augment=("flip", "rot90", "time_reverse"))
+    variants = set()
+    for k in range(4):
+        for flip in (False, True):
+            for reverse in (False, True):
+                v = np.rot90(stack[:, ::-1] if flip else stack, k, axes=(1, 2))
+                variants.add((v[::-1] if reverse else v).tobytes())
+    assert len(variants) == 16
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(300):
+        noisy, clean = sampler.draw(0, rng)
+        np.testing.assert_array_equal(clean, noisy + 1)  # the same change to both images
+        assert noisy.tobytes() in variants
+        seen.add(noisy.tobytes())
+    assert seen == variants
+    # Validation patches are never changed; rectangular patches are not turned.
+    x, _ = sampler.fixed_patches(3, seed=0)
+    assert all(np.array_equal(p[:, 0], stack) for p in x)
+    wide = PatchSampler([Sample("s", stack, stack)], 4, 4, 6, area_thres=0, augment=("rot90",))
+    assert all(wide.draw(0, rng)[0].shape == (4, 4, 6) for _ in range(20))
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        PatchSampler([Sample("s", stack, stack)], 4, 4, 4, augment=("shear",))
+
+
+def test_a_budget_of_steps_deals_the_samples_evenly():
+    from napari_cnnt.training.data import budget_schedule
+
+    schedule = budget_schedule(5, 2, 4, 10, np.random.default_rng(0))
+    assert len(schedule) == 10 and all(len(idx) == 4 for _, idx in schedule)
+    counts = np.bincount(np.concatenate([idx for _, idx in schedule]), minlength=5)
+    assert counts.tolist() == [8] * 5
+    assert {k for k, _ in schedule} == {0, 1}
+
+
+def test_few_pairs_hold_out_a_part_of_each():
+    from napari_cnnt.training.data import split_samples
+
+    wide, tall, short = _sample((8, 40, 96), "wide"), _sample((8, 96, 40), "tall"), _sample((20, 12, 12), "short")
+    train, val, split = split_samples([wide, tall, short], None)
+    assert [s.shape for s in train] == [(8, 40, 72), (8, 72, 40), (15, 12, 12)]
+    assert [s.shape for s in val] == [(8, 40, 24), (8, 24, 40), (5, 12, 12)]
+    assert split.val == ["wide columns 72-95", "tall rows 72-95", "short frames 15-19"]
+    np.testing.assert_array_equal(val[0].noisy, wide.noisy[:, :, 72:])
+    tiny = _sample((2, 8, 8), "tiny")
+    train, val, split = split_samples([tiny], None)
+    assert train == val == [tiny] and "too small to be cut also validate whole" in str(split)
+    many = [_sample(name=f"s{i}") for i in range(5)]
+    train, val, split = split_samples(many, None)
+    assert [s.name for s in val] == ["s4"] and len(train) == 4
+    train, val, _ = split_samples(many, "regions")
+    assert len(train) == len(val) == 5

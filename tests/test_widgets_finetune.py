@@ -25,10 +25,11 @@ PLUGIN = "napari-cnnt"
 CPU = Runtime.create("cpu", fast=False)
 
 
-def _quick(widget, entry, epochs=2, patch="16", time_window=4, batch=2):
+def _quick(widget, entry, epochs=2, patch="16", time_window=4, batch=2, steps=2):
     """Settings that train a tiny model in seconds."""
     widget.model.combo.value = entry
     widget.epochs.value = epochs
+    widget.steps.value = steps
     widget.lr.value = "1e-3"
     widget.patch_sizes.value = patch
     widget.time.value = time_window
@@ -50,7 +51,7 @@ def test_finetune_two_epochs_on_the_sample_data_save_reload_and_denoise(
     denoiser = dock(viewer, "Denoise")
     widget = dock(viewer, "Fine-tune")
     assert (widget.noisy.value, widget.clean.value) == (noisy, clean)
-    assert widget.held_out.value == 0 and "optimistic" in widget.split.value
+    assert widget.held_out.value == 0 and "the last quarter of each" in widget.split.value
     base = add_model(tiny_model, "tiny")
     _quick(widget, base)
     click(qtbot, widget.start_button)
@@ -116,6 +117,8 @@ def test_stop_keeps_the_best_weights_and_the_gui_stays_responsive(make_napari_vi
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     finetune_widget.WARM_UP.join(30)  # a user chooses settings while the widget loads torch's optimizers
     qtbot.wait(500)  # let the new window finish its first paints
+    qtbot.waitUntil(lambda: widget.estimating is None and "on this machine" in widget.estimate.value,
+                    timeout=30_000)  # and reads the estimate
     click(qtbot, widget.start_button)
     timer.start(10)
     qtbot.waitUntil(lambda: len(widget.records) >= 2, timeout=60_000)
@@ -140,9 +143,9 @@ def test_stop_keeps_the_best_weights_and_the_gui_stays_responsive(make_napari_vi
 def test_stop_before_the_first_epoch_keeps_the_starting_weights(make_napari_viewer, qtbot, tiny_model,
                                                                  monkeypatch):
     viewer = make_napari_viewer()
-    _pair(viewer, (8, 32, 32))
+    _pair(viewer, (8, 64, 64))
     widget = dock(viewer, "Fine-tune")
-    _quick(widget, add_model(tiny_model, "tiny"), epochs=3, patch="16, 32", batch=1)  # two steps an epoch
+    _quick(widget, add_model(tiny_model, "tiny"), epochs=3, patch="16, 32", batch=1)
     started = []
     library_finetune = finetune_widget.finetune
 
@@ -162,7 +165,7 @@ def test_stop_before_the_first_epoch_keeps_the_starting_weights(make_napari_view
     assert history.stopped and len(history) == 0 and history.best_epoch == 0
     for k, v in tiny_model.state_dict().items():
         torch.testing.assert_close(widget.result.entry.model.state_dict()[k], v)
-    assert "kept the starting weights" in widget.progress.status.value
+    assert "kept the starting model: no epoch was finished" in widget.progress.status.value
 
 
 def test_shape_mismatch_is_explained(make_napari_viewer, qtbot, tiny_model, notes):
@@ -218,7 +221,11 @@ def test_rectangles_of_a_shapes_layer_choose_the_regions(make_napari_viewer, tin
     assert widget.split.value.startswith("No shape in 'regions'")
     # world coordinates: the layers' pixels are 0.5 units
     shapes.add_rectangles([[[0, 0], [8, 8]], [[4, 6], [12, 16]]])
-    assert widget.held_out.value == 1
+    assert widget.held_out.value == 0  # with up to three samples, a part of each validates
+    assert widget.split.value == ("2 samples train; the last quarter of each (its width, height or frames) "
+                                  "validates.")
+    assert widget.training_data().load()[1] == "regions"
+    widget.held_out.value = 1
     assert widget.split.value == "Training on cells noisy region 1; validating on cells noisy region 2."
     train, val = widget.training_data().load()
     (n0, c0, roi0), = train
@@ -236,8 +243,11 @@ def test_an_hdf5_training_file_first_samples_and_held_out_part(make_napari_viewe
     widget.source.value = FILE
     assert widget.noisy.native.isHidden() and not widget.file.native.isHidden()
     widget.file.value = path
-    widget.first.value = 3
+    widget.first.value = 4
     assert widget.held_out.value == 1
+    widget.first.value = 3
+    assert widget.held_out.value == 0
+    widget.held_out.value = 1
     assert widget.split.value == "Training on train.h5:a, train.h5:b; validating on train.h5:c."
     _quick(widget, add_model(tiny_model, "tiny"), epochs=1)
     click(qtbot, widget.start_button)
@@ -264,10 +274,55 @@ def test_closing_the_widget_or_the_viewer_stops_training(make_napari_viewer, qtb
         assert job.stop_event.is_set()
 
 
+def test_the_widget_and_the_command_line_start_from_the_same_recipe(make_napari_viewer, qtbot, tiny_model, notes):
+    from napari_cnnt.cli import build_parser
+    from napari_cnnt.training.cli import _options
+    from napari_cnnt.training.recipes import FEW_SAMPLE, REFERENCE
+
+    viewer = make_napari_viewer()
+    _pair(viewer, (6, 40, 40))
+    widget = dock(viewer, "Fine-tune")
+    r = FEW_SAMPLE.settings
+    assert widget.recipe.value == "few-sample"
+    assert (widget.epochs.value, widget.steps.value, widget.lr.value) == (r.epochs, r.steps_per_epoch, f"{r.lr:g}")
+    assert widget.losses.value == "ssim 1, mse 1"
+    assert (widget.patch_sizes.value, widget.time.value, widget.batch_size.value) == ("auto", 0, 0)
+    assert widget.settings() == {}  # nothing differs from the recipe: finetune() gets its defaults
+    args = build_parser().parse_args(["finetune", "--h5files", "x.h5"])
+    assert args.recipe == "few-sample" and _options(args, new_model=False) == {"lsuv": False}
+
+    widget.recipe.value = "reference"
+    assert (widget.epochs.value, widget.steps.value, widget.patch_sizes.value) == (30, 0, "128, 160")
+    assert (widget.time.value, widget.batch_size.value, widget.lr.value) == (16, 8, "2.5e-05")
+    assert widget.settings() == {}
+    args = build_parser().parse_args(["finetune", "--h5files", "x.h5", "--recipe", "reference"])
+    assert REFERENCE.with_options(**_options(args, new_model=False)) == REFERENCE.settings
+
+    # Before Start: how long the run will take here; a few-sample run with the defaults, then its outcome.
+    widget.recipe.value = "few-sample"
+    widget.model.combo.value = add_model(tiny_model, "tiny")
+    widget.device.value, widget.fast.value = "cpu", False
+    qtbot.waitUntil(lambda: "on this machine" in widget.estimate.value, timeout=30_000)
+    assert widget.estimate.value.startswith("About ")
+    assert "120 steps of 4 x 6 x 24 x 24" in widget.estimate.value  # patches fitted to the 40 x 24 training part
+    widget.epochs.value, widget.steps.value = 2, 2
+    click(qtbot, widget.start_button)
+    wait_idle(qtbot, widget)
+    history = widget.result.history
+    assert widget.result.entry.model.metadata["training"]["recipe"] == "few-sample"
+    assert history.summary() in widget.progress.status.value
+    assert not errors(notes)
+
+    widget.patch_sizes.value = "1000"
+    qtbot.waitUntil(lambda: "larger than every training sample" in widget.estimate.value, timeout=30_000)
+    assert widget.estimate.value.endswith("lower 'Patch sizes' to at most 40 x 24.")
+
+
 def test_parsing_the_text_fields():
     assert parse_losses("ssim 1.0, mse 0.1") == (["ssim", "mse"], [1.0, 0.1])
     assert parse_losses("SSIM3d; l1*0.5") == (["ssim3D", "l1"], [1.0, 0.5])
     assert parse_patch_sizes("128, 160x96") == [(128, 128), (160, 96)]
+    assert parse_patch_sizes(" Auto ") is None
     assert parse_learning_rate("2.5e-5") == 2.5e-5
     for bad in ("", "ssim one", "ssim 1 2", "ssim, psnr"):
         with pytest.raises(UserError):

@@ -21,6 +21,11 @@ _LAZY = {
     "samples_from_h5": "data",
     "samples_from_pairs": "data",
     "History": "history",
+    "Estimate": "plan",
+    "SettingError": "plan",
+    "RECIPES": "recipes",
+    "Recipe": "recipes",
+    "get_recipe": "recipes",
     "Progress": "history",
     "CheckpointMismatch": "trainer",
     "Trainer": "trainer",
@@ -34,6 +39,8 @@ if TYPE_CHECKING:
     from .api import evaluate, finetune, load_samples, train
     from .data import PatchSampler, Sample, Split, samples_from_h5, samples_from_pairs
     from .history import History, Progress
+    from .plan import Estimate, SettingError
+    from .recipes import RECIPES, Recipe, get_recipe
     from .trainer import CheckpointMismatch, Trainer, TrainSettings, load_checkpoint_model
 
 

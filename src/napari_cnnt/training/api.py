@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,8 +14,10 @@ from ..model.config import CNNTConfig, preset
 from ..model.denoiser import CNNTDenoiser
 from ..normalization import Normalization
 from ..runtime import Runtime
-from .data import Sample, patch_sizes_of, samples_from_h5, samples_from_pairs, split_samples
+from .data import Sample, Split, samples_from_h5, samples_from_pairs, split_samples
 from .history import History, Progress
+from .plan import Plan, fit_to_time, plan_run
+from .recipes import DEFAULT_FINETUNE, DEFAULT_TRAIN, Recipe, get_recipe
 from .trainer import Trainer, TrainSettings, metrics
 
 
@@ -31,24 +34,18 @@ def load_samples(data: Any, normalization: Normalization, prefix: str) -> list[S
     return samples_from_pairs(data, normalization, prefix)
 
 
-def _settings(options: dict[str, Any], **named: Any) -> TrainSettings:
-    unknown = sorted(set(options) - set(TrainSettings.names()))
-    if unknown:
-        raise TypeError(
-            f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(TrainSettings.names())}"
-        )
-    return TrainSettings(**named, **options)
-
-
-def provenance(history: History, base: str | None, settings: TrainSettings) -> dict[str, Any]:
+def provenance(history: History, base: str | None, settings: TrainSettings, recipe: str | None = None) -> dict[str, Any]:
     """What a trained model's file records about its training (see ``save_model``)."""
     meta = {
         "training_data": history.split.to_dict() if history.split else None,
         "epochs": len(history),
         "best_epoch": history.best_epoch,
         "metrics": history.best,
-        "training": settings.to_dict(),
+        "training": {**({"recipe": recipe} if recipe else {}), **settings.to_dict()},
+        "outcome": history.summary(),
     }
+    if history.notes:
+        meta["training_notes"] = list(history.notes)
     if base is not None:
         meta["base_model"] = base
     if history.stopped:
@@ -56,23 +53,60 @@ def provenance(history: History, base: str | None, settings: TrainSettings) -> d
     return meta
 
 
+def prepare_run(
+    model: CNNTDenoiser,
+    data: Any,
+    val_data: Any,
+    recipe: str | Recipe,
+    options: dict[str, Any],
+    runtime: Runtime,
+    checkpoint: str | os.PathLike | None = None,
+) -> tuple[list[Sample], list[Sample], Split, Plan]:
+    """Samples, the split and the plan of a run (one step timed), before any training: what the
+    widget estimates from. A run resumed from ``checkpoint`` keeps the epochs it was planned with."""
+    recipe = get_recipe(recipe)
+    recipe.with_options(**options)  # unknown or absurd options are refused before the data are read
+    norm = model.normalization
+    samples = load_samples(data, norm, "pair")
+    if val_data is None or isinstance(val_data, str) or (isinstance(val_data, (list, tuple)) and not val_data):
+        val = val_data if val_data is None or isinstance(val_data, str) else []
+    else:
+        val = load_samples(val_data, norm, "val pair")
+    train, val, split = split_samples(samples, val)
+    parameters = sum(p.numel() for p in model.parameters())
+    if recipe.minutes and checkpoint is not None and os.path.exists(checkpoint) and "epochs" not in options:
+        options = {**options, "epochs": planned_epochs(checkpoint)}
+    plan = plan_run(recipe, options, model.config, train, val, runtime, parameters)
+    val_patches = len(val) * plan.settings.val_patches_per_sample * (1 if plan.settings.val_patch_size else 2)
+    plan = fit_to_time(recipe, options, plan, model, runtime, val_patches)
+    return train, val, split, plan
+
+
+def planned_epochs(checkpoint: str | os.PathLike) -> int:
+    """The epochs a checkpointed run with a time budget was planned with."""
+    from .trainer import read_training_checkpoint
+
+    return int(json.loads(read_training_checkpoint(checkpoint)["fingerprint"])["settings"]["epochs"])
+
+
 def _run(
     model: CNNTDenoiser,
     data: Any,
     val_data: Any,
-    settings: TrainSettings,
+    recipe: str | Recipe,
+    options: dict[str, Any],
     base: str | None,
+    device: Any,
+    fast: bool | None,
     **engine: Any,
 ) -> tuple[CNNTDenoiser, History]:
-    norm = model.normalization
-    samples = load_samples(data, norm, "pair")
-    if val_data is None or (isinstance(val_data, (list, tuple)) and not val_data):
-        val = None if val_data is None else []
-    else:
-        val = load_samples(val_data, norm, "val pair")
-    train, val, split = split_samples(samples, val)
-    trained, history = Trainer(model, train, val, settings, split=split, **engine).run()
-    trained.metadata = {**model.metadata, **provenance(history, base, settings)}
+    runtime = device if isinstance(device, Runtime) else Runtime.create(device, fast)
+    train, val, split, plan = prepare_run(model, data, val_data, recipe, options, runtime, engine.get("checkpoint"))
+    trainer = Trainer(model, train, val, plan.settings, split=split, device=runtime.device, fast=runtime.fast,
+                      **engine)
+    trained, history = trainer.run()
+    history.notes = plan.notes + [n for n in history.notes if n not in plan.notes]
+    trained.metadata = {**model.metadata, **provenance(history, base, plan.settings, get_recipe(recipe).name)}
     return trained, history
 
 
@@ -88,29 +122,22 @@ def new_model(config: CNNTConfig, normalization: Normalization, seed: int) -> CN
 def finetune(
     model: CNNTDenoiser,
     pairs: Any,
+    recipe: str | Recipe = DEFAULT_FINETUNE,
     *,
-    epochs: int = 30,
-    lr: float = 2.5e-5,
-    loss: Sequence[str] | str = ("ssim", "mse"),
-    loss_weights: Sequence[float] = (1.0, 0.1),
-    patch_sizes: Any = (128, 160),
-    time: int = 16,
-    batch_size: int = 8,
     val_pairs: Any = None,
-    device: str | torch.device | None = None,
+    device: str | torch.device | Runtime | None = None,
     fast: bool | None = None,
     callback: Callable[[Progress], Any] | None = None,
     stop: Any = None,
     checkpoint: str | os.PathLike | None = None,
-    seed: int = 0,
     **options: Any,
 ) -> tuple[CNNTDenoiser, History]:
     """Adapt a trained model to new data from a few pairs; returns ``(model, history)``.
 
-    The defaults are the reference's fine-tuning recipe. ``model`` is left
-    unchanged; the returned copy has the best weights by validation loss
-    (possibly the starting ones) and keeps the model's intensity
-    normalisation, with which the training data are scaled.
+    ``model`` is left unchanged; the returned copy has the weights that
+    validated best (the starting ones among the candidates: see
+    ``history.summary()``) and keeps the model's intensity normalisation,
+    with which the training data are scaled.
 
     Parameters
     ----------
@@ -118,82 +145,82 @@ def finetune(
         ``(noisy, clean)`` arrays, each ``[T, H, W]`` (or ``[H, W]``), or
         ``(noisy, clean, rois)`` with ``(top, left, bottom, right)`` boxes;
         or the path(s) of CNNT HDF5 files.
-    patch_sizes
-        Patch sizes, one sampler each: ints for squares or ``(h, w)``.
-        Multiples of ``model.config.size_multiple``.
+    recipe
+        ``"few-sample"`` (the default: a budget of steps fitted to the data
+        and the machine), ``"reference"`` (the CNNT paper's fine-tuning
+        recipe) or a :class:`~napari_cnnt.training.recipes.Recipe`; see
+        :data:`~napari_cnnt.training.recipes.RECIPES`.
     val_pairs
-        Validation data, like ``pairs``. By default the last fifth of the
-        pairs validates (a single pair validates itself); see
-        ``history.split``. ``[]``: no validation, the last weights are kept.
+        Validation data, like ``pairs``. By default, with up to three pairs
+        the last quarter of each pair (its width, height or frames)
+        validates and the rest trains; with more, the last fifth of the
+        pairs validates (see ``history.split``). ``"regions"``: a part of
+        every pair validates. ``[]``: no validation, the last weights are kept.
     device, fast
         Where to train (``None``: GPU if any) and whether to use bfloat16
         (``None``: where the hardware supports it).
     callback
         Called with a :class:`Progress` after every step and epoch.
     stop
-        A ``threading.Event``; once set, training ends before the next step
-        and the best weights so far are returned.
+        A ``threading.Event``; once set, training ends before the next step and
+        the best weights so far are returned.
     checkpoint
         A file saved atomically at the start and after every epoch. If it
         exists, training resumes from it (the run's settings must match).
     options
-        Further :class:`TrainSettings` (``scheduler``, ``clip_grad_norm``,
-        ``patches_per_sample``, ...).
+        :class:`TrainSettings` fields replacing the recipe's (``epochs``,
+        ``lr``, ``patch_sizes``, ``batch_size``, ``seed``, ...). They are
+        used as given; settings that cannot fit the data or the memory are
+        refused with a :class:`~napari_cnnt.training.plan.SettingError`.
     """
     if not isinstance(model, CNNTDenoiser):
         raise TypeError(f"finetune expects a CNNTDenoiser (e.g. from load_model()), got {type(model).__name__}")
-    settings = _settings(
-        options, epochs=epochs, lr=lr, loss=loss, loss_weights=loss_weights, patch_sizes=patch_sizes,
-        time=time, batch_size=batch_size, seed=seed,
-    )
     base = model.metadata.get("file") or model.metadata.get("source") or "in-memory model"
-    return _run(model, pairs, val_pairs, settings, str(base), device=device, fast=fast,
+    return _run(model, pairs, val_pairs, recipe, options, str(base), device, fast,
                 callback=callback, stop=stop, checkpoint=checkpoint)
 
 
 def train(
     data: Any,
+    recipe: str | Recipe = DEFAULT_TRAIN,
     *,
     config: CNNTConfig | str = "small",
     normalization: Normalization | None = None,
-    epochs: int = 300,
-    lr: float = 5e-4,
-    loss: Sequence[str] | str = ("ssim",),
-    loss_weights: Sequence[float] = (1.0,),
-    patch_sizes: Any = (128, 160),
-    time: int = 16,
-    batch_size: int = 8,
     val_data: Any = None,
-    lsuv: bool = True,
-    device: str | torch.device | None = None,
+    device: str | torch.device | Runtime | None = None,
     fast: bool | None = None,
     callback: Callable[[Progress], Any] | None = None,
     stop: Any = None,
     checkpoint: str | os.PathLike | None = None,
-    seed: int = 0,
     **options: Any,
 ) -> tuple[CNNTDenoiser, History]:
     """Train a new model from scratch (a backbone); returns ``(model, history)``.
 
-    The defaults are the reference's backbone recipe. ``config`` is a
-    :class:`CNNTConfig` or a preset name; its ``time``, ``height`` and
-    ``width`` are set to the first patch. ``normalization`` scales the data
-    and is stored with the model (default: fixed 0..65536, the reference's).
-    ``data`` and ``val_data`` take what ``finetune``'s ``pairs`` takes; the
-    other parameters are ``finetune``'s.
+    The default recipe is the reference's backbone recipe (``"backbone"``).
+    ``config`` is a :class:`CNNTConfig` or a preset name; its ``time``,
+    ``height`` and ``width`` are set to the first patch. ``normalization``
+    scales the data and is stored with the model (default: fixed 0..65536,
+    the reference's). ``data`` and ``val_data`` take what ``finetune``'s
+    ``pairs`` takes; the other parameters are ``finetune``'s.
     """
     cfg = preset(config) if isinstance(config, str) else config
     if not isinstance(cfg, CNNTConfig):
         raise TypeError(f"config must be a CNNTConfig or a preset name, got {type(config).__name__}")
-    h, w = patch_sizes_of(patch_sizes)[0]
-    cfg = cfg.replace(time=int(time), height=h, width=w)
-    settings = _settings(
-        options, epochs=epochs, lr=lr, loss=loss, loss_weights=loss_weights, patch_sizes=patch_sizes,
-        time=time, batch_size=batch_size, lsuv=lsuv, seed=seed,
-    )
-    model = new_model(cfg, normalization or Normalization(), seed)
-    return _run(model, data, val_data, settings, None, device=device, fast=fast,
-                callback=callback, stop=stop, checkpoint=checkpoint)
+    settings = get_recipe(recipe).with_options(**options)
+    h, w = settings.patch_sizes[0]
+    model = new_model(cfg.replace(time=settings.time, height=h, width=w), normalization or Normalization(),
+                      settings.seed)
+    runtime = device if isinstance(device, Runtime) else Runtime.create(device, fast)
+    train_samples, val, split, plan = prepare_run(model, data, val_data, recipe, options, runtime)
+    (h, w), t = plan.settings.patch_sizes[0], plan.settings.time
+    if (t, h, w) != (model.config.time, model.config.height, model.config.width):
+        model = new_model(cfg.replace(time=t, height=h, width=w), model.normalization, plan.settings.seed)
+    trainer = Trainer(model, train_samples, val, plan.settings, split=split, device=runtime.device,
+                      fast=runtime.fast, callback=callback, stop=stop, checkpoint=checkpoint)
+    trained, history = trainer.run()
+    history.notes = list(plan.notes)
+    trained.metadata = {**model.metadata, **provenance(history, None, plan.settings, get_recipe(recipe).name)}
+    return trained, history
 
 
 def evaluate(

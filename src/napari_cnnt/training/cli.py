@@ -1,9 +1,12 @@
 """``napari-cnnt train`` and ``napari-cnnt finetune``.
 
 Both accept the reference implementation's flag names, so its documented
-command lines run with ``napari-cnnt train`` in place of ``python3 main.py``:
-``train`` has the reference's defaults, ``finetune`` those of its fine-tuning
-recipe (starting from the bundled model unless ``--load_path`` is given).
+command lines run with ``napari-cnnt train`` in place of ``python3 main.py``.
+Defaults come from a named recipe (``napari_cnnt.training.recipes``):
+``train`` has the reference's backbone recipe, ``finetune`` the few-sample
+recipe (``--recipe reference``: the reference's fine-tuning recipe), starting
+from the bundled model unless ``--load_path`` is given. Flags given on the
+command line replace the recipe's values and are used as given.
 Experiment-tracker flags are accepted and ignored with a warning; instead
 there is a progress bar per epoch, a log line per epoch (also in
 ``--log_path``), a metrics CSV, and the final model in napari-cnnt's format.
@@ -34,10 +37,20 @@ UNUSED_FLAGS = {
 MODEL_FLAGS = ("blocks", "blocks_per_set", "n_head", "kernel_size", "stride", "padding", "dropout_p",
                "norm_mode", "with_mixer", "no_residual")
 
-# The reference's defaults (its main.py) and those of its documented fine-tuning recipe.
-DEFAULTS = {
-    "train": dict(global_lr=5e-4, loss=["mse", "ssim"], loss_weights=[0.1, 1.0]),
-    "finetune": dict(global_lr=2.5e-5, loss=["ssim", "mse"], loss_weights=[1.0, 0.1]),
+# Each command's default recipe, and the recipes it offers.
+COMMAND_RECIPES = {"train": ("backbone", ("backbone", "reference", "few-sample")),
+                   "finetune": ("few-sample", ("few-sample", "reference"))}
+# Command-line flags that set a TrainSettings field directly: flag -> field.
+FLAG_SETTINGS = {
+    "num_epochs": "epochs", "global_lr": "lr", "loss": "loss", "loss_weights": "loss_weights", "time": "time",
+    "batch_size": "batch_size", "num_patches_per_train_sample": "patches_per_sample",
+    "num_patches_per_val_sample": "val_patches_per_sample", "optim": "optimizer", "weight_decay": "weight_decay",
+    "clip_grad_norm": "clip_grad_norm", "scheduler": "scheduler", "valu_thres": "value_thres",
+    "area_thres": "area_thres", "seed": "seed", "steps_per_epoch": "steps_per_epoch", "patience": "patience",
+}
+# How a refused setting is called on the command line.
+SETTING_FLAGS = {v: f"--{k}" for k, v in FLAG_SETTINGS.items()} | {
+    "patch_sizes": "--height/--width", "betas": "--beta1/--beta2", "val_patch_size": "--height/--width",
 }
 
 log = logging.getLogger("napari_cnnt.training")
@@ -51,8 +64,10 @@ def add_train(subparsers: Any) -> None:
 
 def add_finetune(subparsers: Any) -> None:
     _add(subparsers, "finetune", "fine-tune a trained model on a few samples of new data",
-         "Fine-tune a model (default: the bundled one) on CNNT HDF5 files, with the reference's "
-         "fine-tuning recipe: learning rate 2.5e-5, ssim + 0.1 mse, 30 epochs, no LSUV.")
+         "Fine-tune a model (default: the bundled one) on CNNT HDF5 files. The default recipe, few-sample, "
+         "runs a budget of steps on random patches fitted to the data and the machine and keeps the "
+         "starting model unless validation PSNR improves; --recipe reference runs the reference's "
+         "fine-tuning recipe (learning rate 2.5e-5, ssim + 0.1 mse, 30 epochs).")
 
 
 def _add(subparsers: Any, command: str, help_text: str, description: str) -> None:
@@ -62,7 +77,23 @@ def _add(subparsers: Any, command: str, help_text: str, description: str) -> Non
                "--num_samples_wandb, --num_test_samples_wandb) and --save_cycle, --test_image_path are "
                "accepted and ignored. Under torchrun --nproc_per_node N the command trains data-parallel.",
     )
-    d = DEFAULTS[command]
+    from .recipes import RECIPES
+
+    default_recipe, offered = COMMAND_RECIPES[command]
+    r = RECIPES[default_recipe].settings
+    auto = RECIPES[default_recipe].auto
+
+    def show(value: Any, name: str = "") -> str:
+        if name in auto:
+            return f"{default_recipe} recipe: up to {value}, fitted to the data and the memory"
+        text = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        return f"{default_recipe} recipe: {text}"
+
+    heights = [h for h, _ in r.patch_sizes]
+    widths = [w for _, w in r.patch_sizes]
+    p.add_argument("--recipe", choices=offered, default=default_recipe,
+                   help=f"the settings every flag below defaults to (default: {default_recipe}); see "
+                        "docs/training.md")
     g = p.add_argument_group("data")
     g.add_argument("--h5files", nargs="+", required=True, metavar="H5",
                    help="CNNT HDF5 training files (one group per sample with noisy_im and clean_im)")
@@ -76,20 +107,21 @@ def _add(subparsers: Any, command: str, help_text: str, description: str) -> Non
     g.add_argument("--fine_samples", type=int, default=-1, metavar="N",
                    help="fine-tune on the first N samples of the one training file, validating and testing on "
                         "its last 5 (default: use --ratio)")
-    g.add_argument("--time", type=int, default=16, help="frames per patch (default: 16)")
-    g.add_argument("--height", nargs="+", type=int, default=[128, 160], help="patch heights (default: 128 160)")
-    g.add_argument("--width", nargs="+", type=int, default=[128, 160], help="patch widths (default: 128 160)")
+    g.add_argument("--time", type=int, help=f"frames per patch ({show(r.time, 'time')})")
+    g.add_argument("--height", nargs="+", type=int, help=f"patch heights ({show(heights, 'patch_sizes')})")
+    g.add_argument("--width", nargs="+", type=int, help=f"patch widths ({show(widths, 'patch_sizes')})")
     g.add_argument("--per_scaling", action="store_true", default=None,
                    help="scale intensities by their 1.5 and 99.5 percentiles (new models only)")
     g.add_argument("--im_value_scale", nargs=2, type=float, metavar=("LOW", "HIGH"),
                    help="intensities mapped to 0 and 1 (new models only; default: 0 65536)")
-    g.add_argument("--valu_thres", type=float, default=0.002, help="foreground value threshold (default: 0.002)")
-    g.add_argument("--area_thres", type=float, default=0.25,
-                   help="foreground fraction a patch should reach (default: 0.25)")
-    g.add_argument("--num_patches_per_train_sample", type=int, default=1, metavar="N",
-                   help="patches per sample and patch size in every epoch (default: 1)")
-    g.add_argument("--num_patches_per_val_sample", type=int, default=2, metavar="N",
-                   help="fixed validation patches per sample, of the smallest and the largest size (default: 2)")
+    g.add_argument("--valu_thres", type=float, help=f"foreground value threshold ({show(r.value_thres)})")
+    g.add_argument("--area_thres", type=float,
+                   help=f"foreground fraction a patch should reach ({show(r.area_thres)})")
+    g.add_argument("--num_patches_per_train_sample", type=int, metavar="N",
+                   help=f"patches per sample and patch size in every epoch, unless --steps_per_epoch is set "
+                        f"({show(r.patches_per_sample)})")
+    g.add_argument("--num_patches_per_val_sample", type=int, metavar="N",
+                   help=f"fixed validation patches per sample ({show(r.val_patches_per_sample)})")
 
     g = p.add_argument_group("model (new models only; a loaded model keeps its architecture)")
     g.add_argument("--load_path", metavar="MODEL",
@@ -110,24 +142,30 @@ def _add(subparsers: Any, command: str, help_text: str, description: str) -> Non
     g.add_argument("--use_conv_3D", action="store_true", help="not supported")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--loss", nargs="+", default=d["loss"], help=f"losses: mse l1 sobel ssim ssim3D "
-                   f"(default: {' '.join(d['loss'])})")
-    g.add_argument("--loss_weights", nargs="+", type=float, default=d["loss_weights"],
-                   help=f"one weight per loss (default: {' '.join(map(str, d['loss_weights']))})")
-    g.add_argument("--optim", choices=("adamw", "nadam", "sgd"), default="adamw")
-    g.add_argument("--global_lr", type=float, default=d["global_lr"], help=f"learning rate (default: {d['global_lr']})")
-    g.add_argument("--weight_decay", type=float, default=0.1)
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.95)
-    g.add_argument("--no_w_decay", action="store_true", help="no weight decay on biases and norm weights")
-    g.add_argument("--clip_grad_norm", type=float, default=1.0, help="gradient clipping norm; <= 0: off")
-    g.add_argument("--scheduler", choices=("ReduceLROnPlateau", "StepLR", "OneCycleLR"), default="ReduceLROnPlateau")
-    g.add_argument("--num_epochs", type=int, default=30)
-    g.add_argument("--batch_size", type=int, default=8, help="patches per step, over all processes (default: 8)")
+    g.add_argument("--loss", nargs="+", help=f"losses: mse l1 sobel ssim ssim3D ({show(r.loss)})")
+    g.add_argument("--loss_weights", nargs="+", type=float, help=f"one weight per loss ({show(r.loss_weights)})")
+    g.add_argument("--optim", choices=("adamw", "nadam", "sgd"), help=f"optimiser ({show(r.optimizer)})")
+    g.add_argument("--global_lr", type=float, help=f"learning rate, the peak of the schedule ({show(r.lr)})")
+    g.add_argument("--weight_decay", type=float, help=f"({show(r.weight_decay)})")
+    g.add_argument("--beta1", type=float, help=f"({show(r.betas[0])})")
+    g.add_argument("--beta2", type=float, help=f"({show(r.betas[1])})")
+    g.add_argument("--no_w_decay", action="store_true", default=None,
+                   help="no weight decay on biases and norm weights")
+    g.add_argument("--clip_grad_norm", type=float, help=f"gradient clipping norm; <= 0: off ({show(r.clip_grad_norm)})")
+    g.add_argument("--scheduler", choices=("ReduceLROnPlateau", "StepLR", "OneCycleLR", "WarmupCosine", "none"),
+                   help=f"learning-rate schedule ({show(r.scheduler)})")
+    g.add_argument("--num_epochs", type=int, help=f"epochs ({show(r.epochs)})")
+    g.add_argument("--steps_per_epoch", type=int, metavar="N",
+                   help=f"a fixed number of steps of random patches per epoch; 0: one pass over the samples "
+                        f"({show(r.steps_per_epoch)})")
+    g.add_argument("--patience", type=int, metavar="N",
+                   help=f"end after N epochs without a better validation score; 0: never ({show(r.patience)})")
+    g.add_argument("--batch_size", type=int,
+                   help=f"patches per step, over all processes ({show(r.batch_size, 'batch_size')})")
     g.add_argument("--skip_LSUV", action="store_true", help="no LSUV initialisation (never done when fine-tuning)")
     g.add_argument("--train_only", action="store_true", help="no validation; keep the last weights")
     g.add_argument("--time_scale", type=int, default=0, help="only 0 is supported")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, help=f"random seed ({show(r.seed)})")
 
     g = p.add_argument_group("output")
     g.add_argument("--run_name", help=f"names the output files (default: {command}_DATE_TIME)")
@@ -172,7 +210,7 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--use_conv_3D is not supported: napari-cnnt's CNNT uses 2-D convolutions")
     if args.time_scale != 0:
         raise ValueError("--time_scale is not supported (only 0: time-lapse pairs)")
-    if len(args.height) != len(args.width):
+    if args.height is not None and args.width is not None and len(args.height) != len(args.width):
         raise ValueError(f"--height and --width must list as many sizes, got {args.height} and {args.width}")
 
 
@@ -199,34 +237,57 @@ def _model(args: argparse.Namespace, command: str) -> tuple[Any, str | None]:
             log.warning(f"warning: ignoring {', '.join(scaling)}: data are scaled with the loaded model's "
                         f"normalisation ({model.normalization})")
         return model, str(args.load_path or "bundled model")
+    from .recipes import RECIPES
+
+    recipe = RECIPES[args.recipe].settings
     fields = {n: getattr(args, n) for n in MODEL_FLAGS if getattr(args, n) is not None}
-    config = preset(args.preset).replace(**fields, time=args.time, height=args.height[0], width=args.width[0])
+    height = args.height[0] if args.height else recipe.patch_sizes[0][0]
+    width = args.width[0] if args.width else recipe.patch_sizes[0][1]
+    config = preset(args.preset).replace(**fields, time=args.time or recipe.time, height=height, width=width)
     if args.per_scaling:
         normalization = Normalization("percentile", 1.5, 99.5)
     else:
         normalization = Normalization("fixed", *(args.im_value_scale or (0, 65536)))
-    return new_model(config, normalization, args.seed), None
+    return new_model(config, normalization, args.seed or 0), None
 
 
-def _settings(args: argparse.Namespace, lsuv: bool) -> Any:
-    from .trainer import TrainSettings
+def _options(args: argparse.Namespace, new_model: bool) -> dict[str, Any]:
+    """The settings given on the command line, as ``TrainSettings`` fields (the recipe gives the rest)."""
+    from .recipes import RECIPES
 
-    return TrainSettings(
-        epochs=args.num_epochs, lr=args.global_lr, loss=tuple(args.loss), loss_weights=tuple(args.loss_weights),
-        patch_sizes=tuple(zip(args.height, args.width)), time=args.time, batch_size=args.batch_size,
-        patches_per_sample=args.num_patches_per_train_sample,
-        val_patches_per_sample=args.num_patches_per_val_sample, optimizer=args.optim,
-        betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, no_w_decay=args.no_w_decay,
-        clip_grad_norm=args.clip_grad_norm, scheduler=args.scheduler, value_thres=args.valu_thres,
-        area_thres=args.area_thres, lsuv=lsuv, seed=args.seed,
-    )
+    recipe = RECIPES[args.recipe].settings
+    options = {field: getattr(args, flag) for flag, field in FLAG_SETTINGS.items() if getattr(args, flag) is not None}
+    for name in ("loss", "loss_weights"):
+        if name in options:
+            options[name] = tuple(options[name])
+    if args.height is not None or args.width is not None:
+        heights = args.height or [h for h, _ in recipe.patch_sizes]
+        widths = args.width or [w for _, w in recipe.patch_sizes]
+        if len(heights) != len(widths):
+            raise ValueError(f"--height and --width must list as many sizes, got {heights} and {widths}")
+        options["patch_sizes"] = tuple(zip(heights, widths))
+    if args.beta1 is not None or args.beta2 is not None:
+        options["betas"] = (recipe.betas[0] if args.beta1 is None else args.beta1,
+                            recipe.betas[1] if args.beta2 is None else args.beta2)
+    if args.no_w_decay:
+        options["no_w_decay"] = True
+    options["lsuv"] = new_model and not args.skip_LSUV  # LSUV initialises new models only
+    return options
+
+
+def describe(s: Any) -> str:
+    """A training run's shape in one line: epochs, steps, patches, learning rate."""
+    sizes = ", ".join(f"{h} x {w}" for h, w in s.patch_sizes)
+    steps = f" x {s.steps_per_epoch} steps" if s.steps_per_epoch else ""
+    return (f"{s.epochs} epochs{steps} of {s.batch_size} patches of {s.time} x {sizes}, lr {s.lr:g} "
+            f"({s.scheduler}), loss {' + '.join(f'{w:g} {n}' for n, w in zip(s.loss, s.loss_weights))}")
 
 
 def _data(args: argparse.Namespace, normalization: Any) -> tuple[list, list, list, Any]:
     """Train, validation and test samples by the reference's rules, and the split to report."""
     from .data import Split, h5_keys, samples_from_keys, split_h5_files
 
-    parts, notes = split_h5_files(args.h5files, args.ratio, args.fine_samples, args.seed)
+    parts, notes = split_h5_files(args.h5files, args.ratio, args.fine_samples, args.seed or 0)
     if args.val_case:
         parts["val"] = [(Path(f), k) for f in args.val_case for k in h5_keys(f)]
         notes = []
@@ -279,10 +340,13 @@ class _Reporter:
             self.bar.update(1)
             return
         self.close()
+        from .plan import minutes_text
+
         r = p.record
+        left = f", about {minutes_text(p.remaining)} left" if p.remaining and p.epoch < p.epochs else ""
         log.info(f"epoch {p.epoch}/{p.epochs}: train loss {r['train_loss']:.4f}, val loss {r['val_loss']:.4f}, "
                  f"val PSNR {r['val_psnr']:.2f} dB, val SSIM {r['val_ssim']:.4f}, lr {r['lr']:.2e}, "
-                 f"{r['seconds']:.1f} s")
+                 f"{r['seconds']:.1f} s{left}")
         p.history.to_csv(self.metrics_path)
 
     def close(self) -> None:
@@ -328,19 +392,31 @@ def _train(args: argparse.Namespace, command: str, run_name: str, ranks: Any, de
     from ..runtime import Runtime
     from .api import evaluate, provenance
     from .data import samples_from_keys
+    from .plan import SettingError, plan_run
+    from .recipes import RECIPES
     from .trainer import Trainer
 
-    Runtime.create(device, args.fast)  # an impossible --device or --fast is refused before any data is read
+    runtime = Runtime.create(device, args.fast)  # an impossible --device or --fast is refused before any data is read
     model, base = _model(args, command)
-    lsuv = base is None and not args.skip_LSUV
-    settings = _settings(args, lsuv)
+    options = _options(args, new_model=base is None)
+    recipe = RECIPES[args.recipe]
+    recipe.with_options(**options)  # absurd values are refused before the data are read
     train, val, test_keys, split = _data(args, model.normalization)
+    try:
+        plan = plan_run(recipe, options, model.config, train, val, runtime,
+                        sum(p.numel() for p in model.parameters()))
+    except SettingError as e:
+        raise ValueError(e.message(SETTING_FLAGS)) from None
+    settings = plan.settings
     output = args.output or args.model_path / f"{run_name}.safetensors"
     checkpoint = args.checkpoint or args.check_path / f"{run_name}.ckpt"
     metrics_path = args.result_path / f"{run_name}_metrics.csv"
     resuming = checkpoint.exists()
     log.info(f"napari-cnnt {command} {run_name}: {split}".replace("\n", "; "))
     log.info(f"{'resuming from' if resuming else 'checkpoint:'} {checkpoint}; {ranks.world_size} process(es)")
+    log.info(f"recipe {recipe.name}: {describe(settings)}; {plan.estimate}")
+    for note in plan.notes:
+        log.info(f"note: {note}")
 
     reporter = _Reporter(metrics_path)
     stop = threading.Event()
@@ -366,6 +442,10 @@ def _train(args: argparse.Namespace, command: str, run_name: str, ranks: Any, de
     if history.stopped:
         log.warning(f"stopped during epoch {len(history) + 1}; run the same command with --run_name {run_name} "
                     "to resume")
+    elif history.early:
+        log.info(f"ended after epoch {len(history)}: validation {history.metric[4:]} stopped improving")
+    history.notes = list(plan.notes)
+    log.info(history.summary())
     test = {}
     if test_keys and not history.stopped:
         test = evaluate(trained, samples_from_keys(test_keys, model.normalization), loss=settings.loss,
@@ -373,7 +453,7 @@ def _train(args: argparse.Namespace, command: str, run_name: str, ranks: Any, de
         log.info(f"test ({len(test_keys)} whole stacks): loss {test['loss']:.4f}, PSNR {test['psnr']:.2f} dB, "
                  f"SSIM {test['ssim']:.4f}")
     history.to_csv(metrics_path)
-    meta = provenance(history, base, settings)
+    meta = provenance(history, base, settings, recipe.name)
     meta["metrics"].update({f"test_{k}": v for k, v in test.items()})
     meta["training"].update(command=command, run_name=run_name)
     save_model(trained, output, **meta)

@@ -190,20 +190,75 @@ def _names(names: Sequence[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def split_samples(train: list[Sample], val: list[Sample] | None) -> tuple[list[Sample], list[Sample], Split]:
-    """Hold out validation samples when none are given.
+# With this few samples, a part of each one validates rather than whole samples.
+FEW_SAMPLES = 3
+# A region held out for validation is the last quarter of an axis, of at least
+# MIN_PART pixels or frames, and leaves at least as much for training.
+MIN_PART = {"width": 16, "height": 16, "frames": 4}
 
-    With several samples the last fifth (at least one) validates; a single
-    sample both trains and validates, which the split reports.
+
+def hold_out_part(sample: Sample) -> tuple[Sample, Sample] | None:
+    """``sample`` cut in two along its widest axis: ``(train part, validation part)``.
+
+    The validation part is the last quarter of the width or the height
+    (whichever is longer), or of the frames when both are too small; None
+    when the sample is too small to be cut.
+    """
+    t, h, w = sample.shape
+    for axis, name in sorted(((2, "width"), (1, "height")), key=lambda a: -sample.shape[a[0]]) + [(0, "frames")]:
+        size = sample.shape[axis]
+        cut = size - max(size // 4, MIN_PART[name])
+        if cut < MIN_PART[name]:
+            continue
+        head = [slice(None)] * 3
+        tail = [slice(None)] * 3
+        head[axis], tail[axis] = slice(0, cut), slice(cut, size)
+        part = "columns" if name == "width" else "rows" if name == "height" else "frames"
+        return (
+            Sample(f"{sample.name} {part} 0-{cut - 1}", sample.noisy[tuple(head)], sample.clean[tuple(head)]),
+            Sample(f"{sample.name} {part} {cut}-{size - 1}", sample.noisy[tuple(tail)], sample.clean[tuple(tail)]),
+        )
+    return None
+
+
+def split_regions(samples: list[Sample]) -> tuple[list[Sample], list[Sample], list[str]]:
+    """Hold out a part of every sample (see :func:`hold_out_part`); samples too small to be cut
+    train and validate whole."""
+    train, val, whole = [], [], []
+    for s in samples:
+        parts = hold_out_part(s)
+        if parts is None:
+            train.append(s)
+            val.append(s)
+            whole.append(s.name)
+        else:
+            train.append(parts[0])
+            val.append(parts[1])
+    notes = ["the last quarter of each sample's width, height or frames validates, the rest trains"]
+    if whole:
+        notes.append(f"{len(whole)} sample(s) too small to be cut also validate whole, so the validation score "
+                     f"is optimistic: {_names(whole)}")
+    return train, val, notes
+
+
+def split_samples(
+    train: list[Sample], val: list[Sample] | str | None
+) -> tuple[list[Sample], list[Sample], Split]:
+    """Hold out validation data when none are given.
+
+    With up to :data:`FEW_SAMPLES` samples, or ``val="regions"``, a part of
+    every sample validates (:func:`split_regions`), so that every sample
+    also trains; with more, the last fifth of the samples validates.
     """
     notes = []
-    if val is None and len(train) >= 2:
+    if val == "regions" or (val is None and len(train) <= FEW_SAMPLES):
+        train, val, notes = split_regions(train)
+    elif isinstance(val, str):
+        raise ValueError(f"validation data must be pairs, a file, [] or 'regions', got {val!r}")
+    elif val is None:
         n_val = max(1, round(len(train) / 5))
         train, val = train[:-n_val], train[-n_val:]
         notes.append(f"no validation data given: the last {n_val} of the training samples validate")
-    elif val is None:
-        val = list(train)
-        notes.append("only one sample: it is used for validation too, so the validation loss is optimistic")
     elif not val:
         notes.append("no validation: the weights of the last epoch are kept")
     else:
@@ -286,13 +341,20 @@ def _pad_end(a: np.ndarray, axis: int, size: int) -> np.ndarray:
     return np.pad(a, width, mode="symmetric")
 
 
+AUGMENTATIONS = ("flip", "rot90", "time_reverse")
+"""Random changes to training patches that a microscope could have recorded as well: mirror
+images in H and W (``flip``, the reference's), quarter turns of square patches (``rot90``)
+and the frames played backwards (``time_reverse``). Noise statistics are unchanged by all three."""
+
+
 class PatchSampler:
     """Cuts ``[time, height, width]`` patches out of samples, the reference's way.
 
     Stacks with fewer than ``time`` frames are padded symmetrically at the
-    end, then flipped at random in H and W, padded in H and W when smaller
-    than the patch, and cut at a random position. Up to ten draws keep the
-    first whose target has ``area_thres`` of its pixels above
+    end, then changed at random by ``augment`` (a subset of
+    :data:`AUGMENTATIONS`; the reference flips in H and W), padded in H and W
+    when smaller than the patch, and cut at a random position. Up to ten
+    draws keep the first whose target has ``area_thres`` of its pixels above
     ``value_thres``, otherwise the draw with the most such pixels.
     Large stacks are never copied: flips and cut-outs are views.
     """
@@ -305,15 +367,20 @@ class PatchSampler:
         width: int,
         value_thres: float = VALUE_THRES,
         area_thres: float = AREA_THRES,
+        augment: Sequence[str] = ("flip",),
     ):
         if not samples:
             raise ValueError("a patch sampler needs at least one sample")
         if min(time, height, width) < 1:
             raise ValueError(f"patch size must be positive, got {time} x {height} x {width}")
+        unknown = sorted(set(augment) - set(AUGMENTATIONS))
+        if unknown:
+            raise ValueError(f"unknown augmentation(s) {', '.join(unknown)}; choose from {', '.join(AUGMENTATIONS)}")
         self.samples = list(samples)
         self.shape = (int(time), int(height), int(width))
         self.value_thres = float(value_thres)
         self.area_thres = float(area_thres)
+        self.augment = tuple(a for a in AUGMENTATIONS if a in augment)
 
     def draw(self, index: int, rng: np.random.Generator, flip: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """One ``(noisy, clean)`` patch of sample ``index``, each ``[time, height, width]``."""
@@ -338,9 +405,10 @@ class PatchSampler:
         return self.batch(indices, np.random.default_rng(seed), flip=False)
 
     def _cut(self, s: Sample, rng: np.random.Generator, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``flip=False`` (validation) leaves the patch as recorded."""
         t, h, w = self.shape
         noisy, clean = _pad_end(s.noisy, 0, t), _pad_end(s.clean, 0, t)
-        if flip:
+        if flip and "flip" in self.augment:  # drawn first, so the reference's draws are unchanged
             flip_h, flip_w = rng.integers(0, 2) > 0, rng.integers(0, 2) > 0
             if flip_h:
                 noisy, clean = noisy[:, ::-1], clean[:, ::-1]
@@ -353,7 +421,13 @@ class PatchSampler:
         sy = int(rng.integers(0, H - h + 1))
         sx = int(rng.integers(0, W - w + 1))
         window = (slice(st, st + t), slice(sy, sy + h), slice(sx, sx + w))
-        return np.ascontiguousarray(noisy[window]), np.ascontiguousarray(clean[window])
+        noisy, clean = noisy[window], clean[window]
+        if flip and "time_reverse" in self.augment and rng.integers(0, 2) > 0:
+            noisy, clean = noisy[::-1], clean[::-1]
+        if flip and "rot90" in self.augment and h == w:
+            k = int(rng.integers(0, 4))
+            noisy, clean = np.rot90(noisy, k, axes=(1, 2)), np.rot90(clean, k, axes=(1, 2))
+        return np.ascontiguousarray(noisy), np.ascontiguousarray(clean)
 
 
 def epoch_schedule(
@@ -382,6 +456,23 @@ def epoch_schedule(
     return schedule
 
 
+def budget_schedule(
+    n_samples: int, n_sizes: int, batch_size: int, steps: int, rng: np.random.Generator
+) -> list[tuple[int, np.ndarray]]:
+    """``steps`` batches of random patches as ``(patch size index, sample indices)``.
+
+    Samples are dealt from shuffled decks, so over an epoch every sample
+    gives about as many patches as any other (several per sample when
+    ``steps * batch_size`` exceeds the samples), and each step's patch size
+    is drawn at random.
+    """
+    need = steps * batch_size
+    decks = [rng.permutation(n_samples) for _ in range(-(-need // n_samples))]
+    order = np.concatenate(decks)[:need].reshape(steps, batch_size)
+    sizes = rng.integers(0, n_sizes, steps)
+    return [(int(k), order[i]) for i, k in enumerate(sizes)]
+
+
 def steps_per_epoch(n_samples: int, n_sizes: int, batch_size: int, patches_per_sample: int) -> int:
     return n_sizes * max(1, (n_samples * patches_per_sample) // batch_size)
 
@@ -408,10 +499,13 @@ def patch_sizes_of(sizes: Any) -> list[tuple[int, int]]:
 
 
 __all__ = [
+    "AUGMENTATIONS",
     "PatchSampler",
     "Sample",
     "Split",
+    "budget_schedule",
     "epoch_schedule",
+    "hold_out_part",
     "h5_keys",
     "make_samples",
     "patch_sizes_of",
@@ -419,6 +513,7 @@ __all__ = [
     "samples_from_keys",
     "samples_from_pairs",
     "split_h5_files",
+    "split_regions",
     "split_samples",
     "steps_per_epoch",
 ]

@@ -42,12 +42,17 @@ from ..normalization import Normalization
 from ..runtime import Runtime
 from . import distributed
 from .data import (
-    AREA_THRES, VALUE_THRES, PatchSampler, Sample, Split, epoch_schedule, patch_sizes_of, steps_per_epoch,
+    AREA_THRES, AUGMENTATIONS, VALUE_THRES, PatchSampler, Sample, Split, budget_schedule, epoch_schedule,
+    patch_sizes_of, steps_per_epoch,
 )
 from .history import History, Progress
 from .lsuv import lsuv_init
 
-SCHEDULERS = ("ReduceLROnPlateau", "StepLR", "OneCycleLR", "none")
+SCHEDULERS = ("ReduceLROnPlateau", "StepLR", "OneCycleLR", "WarmupCosine", "none")
+# Schedules that step every batch and are planned for the whole run.
+PER_STEP = ("OneCycleLR", "WarmupCosine")
+# What the kept weights can be selected by: validation metrics, and whether higher is better.
+SELECT = {"val_loss": False, "val_psnr": True, "val_ssim": True}
 OPTIMIZERS = ("adamw", "nadam", "sgd")
 CHECKPOINT_FORMAT = "napari-cnnt-training"
 CHECKPOINT_VERSION = 1
@@ -57,15 +62,24 @@ CHECKPOINT_VERSION = 1
 class TrainSettings:
     """Everything that shapes a training run besides the model and the data.
 
-    Defaults are the reference's fine-tuning recipe. ``patch_sizes`` lists
+    Defaults are the reference's fine-tuning recipe; the named recipes are
+    in :mod:`napari_cnnt.training.recipes`. ``patch_sizes`` lists
     ``(height, width)`` patches, one sampler each; ``batch_size`` counts
-    patches per step over all processes. ``patches_per_sample`` is how many
-    patches each sample gives every patch size per epoch, and
-    ``val_patches_per_sample`` how many fixed patches of the smallest and of
-    the largest size each validation sample gives. ``clip_grad_norm <= 0``
-    turns clipping off; ``no_w_decay`` exempts biases and norm weights from
-    weight decay. ``lsuv`` initialises the weights before training (for
-    training from scratch).
+    patches per step over all processes. An epoch is one pass in which each
+    sample gives every patch size ``patches_per_sample`` patches, or, with
+    ``steps_per_epoch > 0``, that many steps of randomly drawn patches (a
+    budget of steps, validated after every ``steps_per_epoch``).
+    ``val_patches_per_sample`` is how many fixed patches each validation
+    sample gives, of the smallest and of the largest training size, or of
+    ``val_patch_size`` when given. ``clip_grad_norm <= 0`` turns clipping
+    off; ``no_w_decay`` exempts biases and norm weights from weight decay.
+    ``lsuv`` initialises the weights before training (for training from
+    scratch). ``scheduler="WarmupCosine"`` rises linearly over the first
+    ``warmup`` fraction of all steps, then follows a cosine to 1 % of
+    ``lr``. The weights kept are those with the best ``select`` metric
+    (the starting weights among them); ``patience > 0`` ends training after
+    that many epochs without improvement. ``augment`` names the random
+    changes made to training patches (:data:`~napari_cnnt.training.data.AUGMENTATIONS`).
     """
 
     epochs: int = 30
@@ -87,6 +101,12 @@ class TrainSettings:
     area_thres: float = AREA_THRES
     lsuv: bool = False
     seed: int = 0
+    steps_per_epoch: int = 0
+    warmup: float = 0.0
+    patience: int = 0
+    select: str = "val_loss"
+    augment: tuple[str, ...] = ("flip",)
+    val_patch_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         def fix(name: str, value: Any) -> None:
@@ -96,6 +116,9 @@ class TrainSettings:
         fix("loss_weights", tuple(float(w) for w in self.loss_weights))
         fix("patch_sizes", tuple(patch_sizes_of(self.patch_sizes)))
         fix("betas", tuple(float(b) for b in self.betas))
+        fix("augment", (self.augment,) if isinstance(self.augment, str) else tuple(self.augment))
+        if self.val_patch_size is not None:
+            fix("val_patch_size", patch_sizes_of([self.val_patch_size])[0])
         CombinedLoss(self.loss, self.loss_weights)  # checks names and weights
 
         def positive_int(name: str) -> None:
@@ -105,6 +128,17 @@ class TrainSettings:
 
         for name in ("epochs", "time", "batch_size", "patches_per_sample", "val_patches_per_sample"):
             positive_int(name)
+        for name in ("steps_per_epoch", "patience"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer (0: off), got {v!r}")
+        if not (isinstance(self.warmup, (int, float)) and 0 <= self.warmup < 1):
+            raise ValueError(f"warmup must be a fraction of the steps in [0, 1), got {self.warmup!r}")
+        if self.select not in SELECT:
+            raise ValueError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
+        unknown = sorted(set(self.augment) - set(AUGMENTATIONS))
+        if unknown:
+            raise ValueError(f"unknown augmentation(s) {', '.join(unknown)}; choose from {', '.join(AUGMENTATIONS)}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and 0 < self.lr < 1):
             raise ValueError(f"lr must be a finite learning rate in (0, 1), got {self.lr!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -126,7 +160,8 @@ class TrainSettings:
     def check_model(self, config: CNNTConfig) -> None:
         """Patch sizes the model cannot take are refused before any work is done."""
         m = config.size_multiple
-        for h, w in self.patch_sizes:
+        sizes = self.patch_sizes + ((self.val_patch_size,) if self.val_patch_size else ())
+        for h, w in sizes:
             if h % m or w % m:
                 raise ValueError(
                     f"patch size {h} x {w} is not a multiple of {m}, which this model's "
@@ -141,11 +176,21 @@ class TrainSettings:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["patch_sizes"] = [list(s) for s in self.patch_sizes]
+        d["val_patch_size"] = list(self.val_patch_size) if self.val_patch_size else None
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @property
+    def total_steps(self) -> int | None:
+        """Optimiser steps of the whole run when known before it starts (a budget of steps)."""
+        return self.epochs * self.steps_per_epoch if self.steps_per_epoch else None
+
+    def improves(self, score: float, best: float) -> bool:
+        """Whether ``score`` of the ``select`` metric beats ``best``."""
+        return score > best if SELECT[self.select] else score < best
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -170,6 +215,16 @@ def _scheduler(opt: torch.optim.Optimizer, s: TrainSettings, total_steps: int):
         return sched.ReduceLROnPlateau(opt, "min", factor=0.8, patience=5, cooldown=2, min_lr=2e-6)
     if s.scheduler == "StepLR":
         return sched.StepLR(opt, step_size=5, gamma=0.8)
+    if s.scheduler == "WarmupCosine":
+        warm = max(1, round(s.warmup * total_steps))
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            done = min(1.0, (step - warm) / max(1, total_steps - warm))
+            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * done))
+
+        return sched.LambdaLR(opt, factor)
     if s.scheduler == "OneCycleLR":
         return sched.OneCycleLR(
             opt, max_lr=s.lr, total_steps=total_steps, pct_start=0.3, anneal_strategy="cos",
@@ -283,11 +338,12 @@ class Trainer:
         self.stop = stop
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.samplers = [
-            PatchSampler(train, settings.time, h, w, settings.value_thres, settings.area_thres)
+            PatchSampler(train, settings.time, h, w, settings.value_thres, settings.area_thres, settings.augment)
             for h, w in settings.patch_sizes
         ]
-        self.steps = steps_per_epoch(len(train), len(self.samplers), settings.batch_size,
-                                     settings.patches_per_sample)
+        self.steps = settings.steps_per_epoch or steps_per_epoch(
+            len(train), len(self.samplers), settings.batch_size, settings.patches_per_sample)
+        self._clock: list[float] = []  # [start, steps timed] of this run's training
 
     # ------------------------------------------------------------------ API
     def run(self) -> tuple[CNNTDenoiser, History]:
@@ -301,7 +357,7 @@ class Trainer:
         """What must match for a checkpoint to be resumed: everything but the number of epochs,
         which may grow, unless the one-cycle schedule was planned for it."""
         s = self.settings.to_dict()
-        if s["scheduler"] != "OneCycleLR":
+        if s["scheduler"] not in PER_STEP:
             s.pop("epochs")
         return {
             "config": self.base.config.to_dict(),
@@ -315,7 +371,7 @@ class Trainer:
         s, rt = self.settings, self.runtime
         model = copy.deepcopy(self.base).cpu()
         resumed = self._read_checkpoint()
-        history = History(split=self.split)
+        history = History(split=self.split, metric=s.select)
         if resumed is not None:
             model.load_state_dict(resumed["model"])
             history = History.from_dict(json.loads(resumed["progress"]))
@@ -337,7 +393,7 @@ class Trainer:
             best_state = _cpu_state(model)
             if val_x:
                 history.initial = self._validate(model, val_x, val_y, loss_fn)
-                history.best_val_loss = history.initial["val_loss"]
+                history.best_score = history.initial[s.select]
             self._save(model, best_state, optimizer, scheduler, history)
         else:
             best_state = resumed["best"]
@@ -345,7 +401,11 @@ class Trainer:
             if scheduler is not None:
                 scheduler.load_state_dict(resumed["scheduler"])
 
+        self._clock = [time.perf_counter(), 0]
         for epoch in range(len(history) + 1, s.epochs + 1):
+            if val_x and s.patience and len(history) - history.best_epoch >= s.patience:
+                history.early = True  # also when a resumed run had already stopped improving
+                break
             t0 = time.perf_counter()
             train_loss, lr, stopped = self._train_epoch(net, model, optimizer, scheduler, loss_fn, epoch)
             if stopped:
@@ -353,19 +413,19 @@ class Trainer:
                 break
             val = self._validate(model, val_x, val_y, loss_fn) if val_x else {
                 "val_loss": math.nan, "val_psnr": math.nan, "val_ssim": math.nan}
-            score = val["val_loss"] if val_x else train_loss
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(score)
-            elif scheduler is not None and s.scheduler != "OneCycleLR":
+                scheduler.step(val["val_loss"] if val_x else train_loss)
+            elif scheduler is not None and s.scheduler not in PER_STEP:
                 scheduler.step()
             record = {"epoch": epoch, "train_loss": train_loss, **val, "lr": lr,
                       "seconds": time.perf_counter() - t0}
             history.records.append(record)
-            if not val_x or score < history.best_val_loss:
-                history.best_epoch, history.best_val_loss = epoch, score
+            if not val_x or s.improves(val[s.select], history.best_score):
+                history.best_epoch, history.best_score = epoch, (val[s.select] if val_x else train_loss)
                 best_state = _cpu_state(model)
             self._save(model, best_state, optimizer, scheduler, history)
-            self._report(Progress("epoch", epoch, s.epochs, self.steps, self.steps, train_loss, lr, record, history))
+            self._report(Progress("epoch", epoch, s.epochs, self.steps, self.steps, train_loss, lr, record, history,
+                                  *self._pace(epoch, self.steps)))
 
         final = copy.deepcopy(self.base).cpu()
         final.load_state_dict(best_state)
@@ -375,8 +435,12 @@ class Trainer:
         s, rt, ranks = self.settings, self.runtime, self.ranks
         rng = np.random.default_rng([s.seed, epoch])
         torch.manual_seed(_epoch_seed(s.seed, epoch, ranks.rank))
-        schedule = epoch_schedule(len(self.train_samples), len(self.samplers), s.batch_size,
-                                  s.patches_per_sample, rng)
+        if s.steps_per_epoch:
+            schedule = budget_schedule(len(self.train_samples), len(self.samplers), s.batch_size,
+                                       s.steps_per_epoch, rng)
+        else:
+            schedule = epoch_schedule(len(self.train_samples), len(self.samplers), s.batch_size,
+                                      s.patches_per_sample, rng)
         net.train()
         total = 0.0
         lr = optimizer.param_groups[0]["lr"]
@@ -402,21 +466,34 @@ class Trainer:
                 nn.utils.clip_grad_norm_(model.parameters(), s.clip_grad_norm)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
-            if s.scheduler == "OneCycleLR":
+            if s.scheduler in PER_STEP:
                 scheduler.step()
             total += value
-            self._report(Progress("step", epoch, s.epochs, step, len(schedule), value, lr))
+            self._clock[1] += 1
+            self._report(Progress("step", epoch, s.epochs, step, len(schedule), value, lr, None, None,
+                                  *self._pace(epoch, step)))
         mean = distributed.sum_across([total / len(schedule)], ranks, rt.device)[0] / ranks.world_size
         return mean, lr, False
 
+    def _pace(self, epoch: int, step: int) -> tuple[float, float | None]:
+        """Seconds trained in this run, and an estimate of the seconds left (validation included)."""
+        start, timed = self._clock
+        elapsed = time.perf_counter() - start
+        if timed == 0:
+            return elapsed, None
+        left = (self.settings.epochs - epoch) * self.steps + self.steps - step
+        return elapsed, elapsed / timed * left
+
     def _validation_patches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Fixed patches of the smallest and the largest patch size, this process's share."""
+        """Fixed patches of ``val_patch_size``, or of the smallest and the largest patch size,
+        this process's share."""
         s = self.settings
         if not self.val_samples:
             return [], []
         sizes = sorted(set(s.patch_sizes), key=lambda hw: hw[0] * hw[1])
+        chosen = [s.val_patch_size] if s.val_patch_size else [sizes[0], sizes[-1]]
         xs, ys = [], []
-        for k, (h, w) in enumerate(dict.fromkeys([sizes[0], sizes[-1]])):
+        for k, (h, w) in enumerate(dict.fromkeys(chosen)):
             sampler = PatchSampler(self.val_samples, s.time, h, w, s.value_thres, s.area_thres)
             x, y = sampler.fixed_patches(s.val_patches_per_sample, seed=[s.seed, 0, 1 + k])
             share = slice(self.ranks.rank, None, self.ranks.world_size)
@@ -457,6 +534,9 @@ class Trainer:
             return None
         state = read_training_checkpoint(self.checkpoint)
         theirs, ours = json.loads(state["fingerprint"]), self.fingerprint()
+        if isinstance(theirs.get("settings"), dict):  # settings added since the checkpoint was written
+            defaults = TrainSettings().to_dict()
+            theirs["settings"] = {**{k: defaults[k] for k in ours["settings"] if k != "epochs"}, **theirs["settings"]}
         differ = [k for k in ours if theirs.get(k) != ours[k]]
         if differ:
             raise CheckpointMismatch(

@@ -2,9 +2,14 @@
 
 Training data are two image layers (or a CNNT HDF5 training file); the first
 N samples are used, optionally only inside rectangles of a Shapes layer, and
-the last K of them are held out for validation. :func:`napari_cnnt.finetune`
-runs on a worker thread; the result joins the session's models at once and
-can be saved or used to denoise the noisy layer.
+the last K of them are held out for validation (0: the last quarter of every
+sample). The controls start at a recipe's values (:mod:`napari_cnnt.training.recipes`,
+the few-sample one by default); "auto" leaves a setting to the data and the
+machine, and only values that differ from the recipe's are passed on. Before
+Start the widget estimates, in the background, how long the run will take on
+this machine. :func:`napari_cnnt.finetune` runs on a worker thread; the result
+joins the session's models at once and can be saved or used to denoise the
+noisy layer.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 from magicgui.widgets import (
     ComboBox, Container, FileEdit, Label, LineEdit, PushButton, RadioButtons, SpinBox,
 )
+from qtpy.QtCore import QTimer
 from napari.layers import Image, Shapes
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog
@@ -31,10 +37,11 @@ from ...io.hdf5 import read_training_pairs
 from ...losses import LOSSES
 from ...model.checkpoint import CheckpointError, save_model
 from ...runtime import Runtime
-from ...training.api import finetune
+from ...training.api import finetune, prepare_run
 from ...training.data import h5_keys
 from ...training.history import Progress
-from ...training.trainer import TrainSettings
+from ...training.plan import SettingError, estimate_time, minutes_text
+from ...training.recipes import DEFAULT_FINETUNE, RECIPES, Recipe
 from ._common import (
     ModelChooser, ProgressDisplay, compact, device_widgets, explain, follow_layer_list, sentence, shape_text,
 )
@@ -49,7 +56,12 @@ if TYPE_CHECKING:
 LAYERS, FILE = "Image layers", "HDF5 training file"
 WHOLE = "whole images"
 MEMORY_HINT = "Try a smaller batch size, smaller patches or a shorter time window."
-RECIPE = TrainSettings()  # the reference's fine-tuning recipe
+AUTO = "auto"
+FINETUNE_RECIPES = ("few-sample", "reference")
+# How the controls name the settings a refusal is about.
+SETTING_NAMES = {"patch_sizes": "'Patch sizes'", "val_patch_size": "'Patch sizes'", "batch_size": "'Batch size'",
+                 "time": "'Time window'", "epochs": "'Epochs'", "lr": "'Learning rate'",
+                 "steps_per_epoch": "'Steps per epoch'"}
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -75,8 +87,10 @@ def parse_losses(text: str) -> tuple[list[str], list[float]]:
     return names, weights
 
 
-def parse_patch_sizes(text: str) -> list[tuple[int, int]]:
-    """``"128, 160"`` or ``"128x96"`` -> ``[(128, 128), (160, 160)]`` / ``[(128, 96)]``."""
+def parse_patch_sizes(text: str) -> list[tuple[int, int]] | None:
+    """``"128, 160"`` or ``"128x96"`` -> ``[(128, 128), (160, 160)]`` / ``[(128, 96)]``; ``"auto"`` -> None."""
+    if text.strip().lower() == AUTO:
+        return None
     sizes = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         match = re.fullmatch(r"(\d+)\s*(?:[x\u00d7]\s*(\d+))?", part.lower())
@@ -87,7 +101,7 @@ def parse_patch_sizes(text: str) -> list[tuple[int, int]]:
             )
         sizes.append((int(match[1]), int(match[2] or match[1])))
     if not sizes:
-        raise UserError("Give at least one patch size, e.g. '128, 160'.")
+        raise UserError("Give at least one patch size, e.g. '128, 160', or 'auto'.")
     return sizes
 
 
@@ -132,18 +146,20 @@ class TrainingData:
         if not names:
             return "No training samples."
         if k == 0:
-            return f"{_count(len(names))} train and also validate, so the validation loss is optimistic."
+            return (f"{_count(len(names))} train; the last quarter of each (its width, height or frames) "
+                    "validates.")
         return f"Training on {_list(names[:-k])}; validating on {_list(names[-k:])}."
 
-    def load(self) -> tuple[list[tuple], list[tuple]]:
+    def load(self) -> tuple[list[tuple], list[tuple] | str]:
+        """Training pairs and validation pairs, or ``"regions"`` when a part of each sample validates."""
         pairs = [read() for _, read in self.items]
         if self.n_val == 0:
-            return pairs, pairs
+            return pairs, "regions"
         return pairs[: -self.n_val], pairs[-self.n_val:]
 
 
 def _count(n: int) -> str:
-    return "1 sample" if n == 1 else f"All {n} samples"
+    return "1 sample" if n == 1 else f"{n} samples"
 
 
 def _list(names: list[str], limit: int = 4) -> str:
@@ -237,14 +253,16 @@ def _check_val(n_val: int, n: int) -> int:
     if n > 0 and n_val >= n:
         raise UserError(
             f"Only {n} sample(s) are in use, so at most {n - 1} can be held out for validation "
-            "(0 validates on the training samples)."
+            "(0: the last quarter of every sample validates)."
         )
     return n_val
 
 
 def default_held_out(n: int) -> int:
-    """A fifth of the samples (at least one) validate; a single sample validates itself."""
-    return max(1, round(n / 5)) if n >= 2 else 0
+    """As ``finetune`` does: with up to three samples a part of each validates (0), with more a fifth."""
+    from ...training.data import FEW_SAMPLES
+
+    return max(1, round(n / 5)) if n > FEW_SAMPLES else 0
 
 
 @dataclass
@@ -280,19 +298,32 @@ class FinetuneWidget(Container):
         self.regions = compact(ComboBox(label="Regions", choices=self._shapes_layers))
         self.regions.tooltip = "Train only inside the rectangles of a Shapes layer (each one is a sample)."
         self.held_out = SpinBox(label="Held out", value=0, min=0, max=100_000)
-        self.held_out.tooltip = "The last K samples validate; 0 validates on the training samples."
+        self.held_out.tooltip = "The last K samples validate; 0: the last quarter of every sample validates."
         self.split = Label(value="", label="Validation")
         self.split.native.setWordWrap(True)
         self.model = ModelChooser("Base model")
-        self.epochs = SpinBox(label="Epochs", value=RECIPE.epochs, min=1, max=100_000)
-        self.lr = LineEdit(label="Learning rate", value=f"{RECIPE.lr:g}")
-        self.losses = LineEdit(label="Losses", value=_format_losses(RECIPE.loss, RECIPE.loss_weights))
+        self.recipe = ComboBox(label="Recipe", choices=list(FINETUNE_RECIPES), value=DEFAULT_FINETUNE)
+        self.recipe.tooltip = "The settings below start at this recipe's values (see docs/training.md)."
+        self.epochs = SpinBox(label="Epochs", min=1, max=100_000)
+        self.steps = SpinBox(label="Steps per epoch", min=0, max=100_000)
+        self.steps.tooltip = "Steps of random patches between validations; 0: one pass over the samples."
+        self.steps.native.setSpecialValueText("one pass")
+        self.lr = LineEdit(label="Learning rate")
+        self.losses = LineEdit(label="Losses")
         self.losses.tooltip = f"Name and weight pairs; losses: {', '.join(LOSSES)}"
-        self.patch_sizes = LineEdit(label="Patch sizes", value=_format_patches(RECIPE.patch_sizes))
-        self.patch_sizes.tooltip = "Height (x width) of the training patches, one sampler per size"
-        self.time = SpinBox(label="Time window", value=RECIPE.time, min=1, max=4096)
-        self.batch_size = SpinBox(label="Batch size", value=RECIPE.batch_size, min=1, max=4096)
+        self.patch_sizes = LineEdit(label="Patch sizes")
+        self.patch_sizes.tooltip = ("Height (x width) of the training patches, one sampler per size; 'auto': "
+                                    "the recipe's, no larger than the samples")
+        self.time = SpinBox(label="Time window", min=0, max=4096)
+        self.time.native.setSpecialValueText(AUTO)
+        self.time.tooltip = "Frames per patch; auto: the recipe's, no more than the shortest stack has."
+        self.batch_size = SpinBox(label="Batch size", min=0, max=4096)
+        self.batch_size.native.setSpecialValueText(AUTO)
+        self.batch_size.tooltip = "Patches per step; auto: the recipe's, fewer if memory is short."
         self.device, self.fast = device_widgets()
+        self.estimate = Label(value="", label="Estimate")
+        self.estimate.native.setWordWrap(True)
+        self.use_recipe()
         self.start_button = PushButton(text="Start")
         self.stop_button = PushButton(text="Stop", enabled=False)
         self.stop_button.tooltip = "Stop after the current step; the best weights so far are kept."
@@ -304,8 +335,8 @@ class FinetuneWidget(Container):
         row.margins = after.margins = (0, 0, 0, 0)
         super().__init__(widgets=[
             self.source, self.noisy, self.clean, self.file, self.first, self.regions, self.held_out, self.split,
-            self.model, self.epochs, self.lr, self.losses, self.patch_sizes, self.time, self.batch_size,
-            self.device, self.fast, row, self.progress.bar, self.progress.status,
+            self.model, self.recipe, self.epochs, self.steps, self.lr, self.losses, self.patch_sizes, self.time,
+            self.batch_size, self.device, self.fast, self.estimate, row, self.progress.bar, self.progress.status,
         ])
         self.plot = LossPlot()
         self.native.layout().addWidget(self.plot)
@@ -318,10 +349,20 @@ class FinetuneWidget(Container):
         self._run_info: dict[str, Any] = {}
         self._watched: Shapes | None = None
         self._n_samples = -1
+        self.estimating: Job | None = None
+        self._estimate_again = False
+        self._estimate_timer = QTimer()
+        self._estimate_timer.setSingleShot(True)
+        self._estimate_timer.setInterval(400)
+        self._estimate_timer.timeout.connect(self._start_estimate)
 
         self.source.changed.connect(self._source_changed)
         for w in (self.noisy, self.clean, self.file, self.first, self.regions, self.held_out):
             w.changed.connect(self._update_split)
+        self.recipe.changed.connect(self.use_recipe)
+        for w in (self.model.combo, self.epochs, self.steps, self.lr, self.losses, self.patch_sizes, self.time,
+                  self.batch_size, self.device, self.fast):
+            w.changed.connect(self._schedule_estimate)
         self.start_button.changed.connect(self.start)
         self.stop_button.changed.connect(self.stop)
         self.save_button.changed.connect(self.save)
@@ -388,6 +429,7 @@ class FinetuneWidget(Container):
             self.split.value = self.training_data().split_text()
         except UserError as e:
             self.split.value = str(e)
+        self._schedule_estimate()
 
     def _watch_regions(self) -> None:
         """Follow the rectangles being drawn in the chosen Shapes layer."""
@@ -405,18 +447,91 @@ class FinetuneWidget(Container):
     def busy(self) -> bool:
         return self.job is not None or self.denoising is not None
 
+    @property
+    def chosen_recipe(self) -> Recipe:
+        return RECIPES[self.recipe.value]
+
+    def use_recipe(self, *_: Any) -> None:
+        """Set the controls to the chosen recipe's values ("auto" where it leaves them to the data)."""
+        recipe = self.chosen_recipe
+        r = recipe.settings
+        self.epochs.value = r.epochs
+        self.steps.value = r.steps_per_epoch
+        self.lr.value = f"{r.lr:g}"
+        self.losses.value = _format_losses(r.loss, r.loss_weights)
+        self.patch_sizes.value = AUTO if "patch_sizes" in recipe.auto else _format_patches(r.patch_sizes)
+        self.time.value = 0 if "time" in recipe.auto else r.time
+        self.batch_size.value = 0 if "batch_size" in recipe.auto else r.batch_size
+
     def settings(self) -> dict[str, Any]:
-        """``finetune`` keyword arguments from the controls; raises :class:`UserError`."""
+        """``finetune`` options from the controls: the values that differ from the recipe's
+        (automatic ones left out); raises :class:`UserError`."""
         names, weights = parse_losses(self.losses.value)
-        return {
+        r = self.chosen_recipe.settings
+        values = {
             "epochs": self.epochs.value,
+            "steps_per_epoch": self.steps.value,
             "lr": parse_learning_rate(self.lr.value),
-            "loss": names,
-            "loss_weights": weights,
+            "loss": tuple(names),
+            "loss_weights": tuple(weights),
             "patch_sizes": parse_patch_sizes(self.patch_sizes.value),
-            "time": self.time.value,
-            "batch_size": self.batch_size.value,
+            "time": self.time.value or None,
+            "batch_size": self.batch_size.value or None,
         }
+        if values["patch_sizes"] is not None:
+            values["patch_sizes"] = tuple(values["patch_sizes"])
+        return {k: v for k, v in values.items() if v is not None and v != getattr(r, k)}
+
+    # ------------------------------------------------------------------ the estimate
+    def _schedule_estimate(self, *_: Any) -> None:
+        if not getattr(self, "_estimate_timer", None) or self.job is not None:
+            return
+        self._estimate_timer.start()
+
+    def _start_estimate(self) -> None:
+        """Plan the run the controls describe and time one step, on a helper thread."""
+        if self.job is not None:
+            return
+        if self.estimating is not None:
+            self._estimate_again = True
+            return
+        try:
+            data = self.training_data()
+            if not data.items:
+                raise UserError("")
+            options, recipe = self.settings(), self.recipe.value
+            entry = self.model.entry
+            if entry is None:
+                raise UserError("")
+            base = entry.load()
+            runtime = Runtime.create(self.device.value, self.fast.value)
+        except (UserError, CheckpointError, ValueError):
+            self.estimate.value = ""
+            return
+
+        def task(report: Callable[[Any], None], stop: Any) -> Any:
+            train, val = data.load()
+            _, val_samples, _, plan = prepare_run(base, train, val, recipe, options, runtime)
+            n_val = len(val_samples) * plan.settings.val_patches_per_sample
+            return plan, estimate_time(base, plan, runtime, n_val)
+
+        self.estimate.value = "Estimating..."
+        self.estimating = Job(task, on_report=lambda _: None, on_end=self._estimated)
+        self.estimating.start()
+
+    def _estimated(self, outcome: Outcome) -> None:
+        self.estimating = None
+        if self.job is None:
+            if outcome.error is not None:
+                error = outcome.error
+                text = error.message(SETTING_NAMES) if isinstance(error, SettingError) else str(error)
+                self.estimate.value = sentence(text)
+            else:
+                plan, estimate = outcome.value
+                self.estimate.value = estimate_text(plan, estimate)
+        if self._estimate_again:
+            self._estimate_again = False
+            self._schedule_estimate()
 
     def start(self, *_: Any) -> None:
         if self.busy:
@@ -426,6 +541,7 @@ class FinetuneWidget(Container):
             if not data.items:
                 raise UserError("There are no samples to train on.")
             settings = self.settings()
+            recipe = self.recipe.value
             entry = self.model.entry
             if entry is None:
                 raise UserError("Choose a base model first.")
@@ -437,12 +553,14 @@ class FinetuneWidget(Container):
 
         def task(report: Callable[[Any], None], stop: Any) -> Any:
             train, val = data.load()
-            return finetune(base, train, val_pairs=val, device=device, fast=fast, callback=report, stop=stop,
-                            **settings)
+            return finetune(base, train, recipe, val_pairs=val, device=device, fast=fast, callback=report,
+                            stop=stop, **settings)
 
+        self._estimate_timer.stop()
         self.records = []
-        self.plot.set_records([], settings["epochs"])
-        self._run_info = {"entry": entry, "data": data, "settings": settings}
+        epochs = settings.get("epochs", self.chosen_recipe.settings.epochs)
+        self.plot.set_records([], epochs)
+        self._run_info = {"entry": entry, "data": data, "settings": {"recipe": recipe, **settings}}
         self.job = Job(task, on_report=self._report, on_end=self._ended, keep=lambda p: p.event == "epoch")
         self._set_busy(True)
         self.progress.start(f"Fine-tuning '{entry.name}'")
@@ -468,14 +586,17 @@ class FinetuneWidget(Container):
         info = self._run_info
         if outcome.error is not None:
             self.progress.finish("Failed.")
-            show_error(explain(outcome.error, "Fine-tuning", MEMORY_HINT))
+            error = outcome.error
+            if isinstance(error, SettingError):
+                error = ValueError(error.message(SETTING_NAMES))
+            show_error(explain(error, "Fine-tuning", MEMORY_HINT))
         else:
             model, history = outcome.value
             data: TrainingData = info["data"]
             entry = add_model(model, f"{info['entry'].name} fine-tuned on {data.title}")
             provenance = {"training_source": data.source, "fine_tuning": dict(info["settings"])}
             self.result = FinetuneResult(entry, history, provenance)
-            message = _summary(history, info["settings"]["epochs"])
+            message = _summary(history, model.metadata["training"]["epochs"])
             self.progress.finish(message)
             show_info(f"{message} '{entry.name}' is now in the Denoise widget's model list.")
         self._set_busy(False)
@@ -537,17 +658,31 @@ class FinetuneWidget(Container):
             self._close_jobs()
 
     def _close_jobs(self, *_: Any) -> None:
-        for job in (self.job, self.denoising.job if self.denoising else None):
+        self._estimate_timer.stop()
+        for job in (self.job, self.denoising.job if self.denoising else None, self.estimating):
             if job is not None:
                 job.close()
-        self.job = self.denoising = None
+        self.job = self.denoising = self.estimating = None
         self.model.detach()
 
 
+def estimate_text(plan: Any, estimate: Any) -> str:
+    """E.g. "About 6 min on this machine: 120 steps of 4 x 16 x 64 x 64, peak memory about 2.1 GB."."""
+    s = plan.settings
+    h, w = max(s.patch_sizes, key=lambda hw: hw[0] * hw[1])
+    text = (f"About {minutes_text(estimate.seconds)} on this machine: {estimate.steps} steps of "
+            f"{s.batch_size} x {s.time} x {h} x {w}, peak memory about {estimate.peak_bytes / 2**30:.1f} GB.")
+    return " ".join([text, *(sentence(n) for n in plan.notes)])
+
+
 def _summary(history: Any, epochs: int) -> str:
-    kept = "the starting weights" if history.best_epoch == 0 else f"epoch {history.best_epoch}"
     psnr = history.best.get("val_psnr")
     quality = f" (validation PSNR {psnr:.1f} dB)" if psnr is not None and math.isfinite(psnr) else ""
+    kept = history.summary()
+    if not history.kept_start:
+        kept += quality
     if history.stopped:
-        return f"Stopped after {len(history)} of {epochs} epochs; kept {kept}{quality}."
-    return f"Finished {epochs} epoch{'s' if epochs != 1 else ''}; kept {kept}{quality}."
+        return f"Stopped after {len(history)} of {epochs} epochs; {kept}."
+    if history.early:
+        return f"Ended after {len(history)} of {epochs} epochs, as validation stopped improving; {kept}."
+    return f"Finished {epochs} epoch{'s' if epochs != 1 else ''}; {kept}."
