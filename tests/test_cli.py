@@ -232,9 +232,9 @@ def test_simulate_refuses_bad_options(tmp_path, capsys, monkeypatch, args, messa
 
 def test_simulate_refuses_unknown_structures(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["simulate", str(tmp_path / "x.h5"), "--structures", "mitochondria"])
+        main(["simulate", str(tmp_path / "x.h5"), "--structures", "ribosomes"])
     assert e.value.code == 2
-    assert "mitochondria" in capsys.readouterr().err
+    assert "ribosomes" in capsys.readouterr().err
 
 
 @pytest.mark.bf16
