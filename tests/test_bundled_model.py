@@ -5,18 +5,24 @@ by more than the best 3-D Gaussian filter of a grid does, and bfloat16 must
 cost under 0.05 dB (the issue's budget for the fast path).
 """
 
+import hashlib
+import struct
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
 import napari_cnnt
-from napari_cnnt.cli import psnr_db
+from napari_cnnt.metrics import psnr_db
 from napari_cnnt.model import preset
 from napari_cnnt.model.checkpoint import BUNDLED_WEIGHTS
 from napari_cnnt import runtime
 from napari_cnnt.runtime import Runtime
 from napari_cnnt.synthetic import sample_recording
 
+# sha256 of the tensor bytes of the weights as trained (everything after the JSON header): the
+# header's metadata may be corrected, the weights never change.
+TRAINED_TENSORS_SHA256 = "375b4261a88b9109083b5514b04289520e7e9ebf0c217d4d0131299b07960cb5"
 GAUSSIAN_GRID = [(st, s) for st in (0.0, 0.5, 1.0, 2.0) for s in (0.5, 0.75, 1.0, 1.5, 2.0)]
 
 
@@ -47,6 +53,20 @@ def test_bundled_weights_ship_with_the_package_and_load(backbone):
     assert not backbone.training
     assert backbone.normalization.mode == "percentile"
     assert backbone.metadata["training"]["seed"] == 0 and backbone.metadata["epochs"] >= 1
+
+
+def test_bundled_tensors_are_the_trained_ones_byte_for_byte():
+    data = BUNDLED_WEIGHTS.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    assert hashlib.sha256(data[8 + header_len:]).hexdigest() == TRAINED_TENSORS_SHA256
+
+
+def test_recorded_metrics_are_held_out_and_in_the_one_psnr_convention(backbone):
+    metrics, evaluation = backbone.metadata["metrics"], backbone.metadata["evaluation"]
+    assert "docs/metrics.md" in evaluation["psnr"] and "--seed 200000" in evaluation["test"]
+    # validation and test measure the same model on the same kind of data: they agree within a dB
+    assert metrics["test_psnr"] == pytest.approx(metrics["val_psnr"], abs=1.0)
+    assert 38 < metrics["test_psnr"] < 45
 
 
 def test_bundled_model_beats_the_best_gaussian_filter_on_the_sample(sample, denoised):

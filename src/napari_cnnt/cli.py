@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .metrics import psnr_db
 from .training.cli import add_finetune, add_train
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -194,14 +195,6 @@ def _runtime(args: argparse.Namespace) -> Any:
         return Runtime.create(args.device, args.fast)
     except ValueError as e:
         raise UsageError(str(e)) from None
-
-
-def psnr_db(image: np.ndarray, truth: np.ndarray) -> float:
-    """PSNR in dB with the truth's intensity range as the peak."""
-    truth = np.asarray(truth, dtype=np.float64)
-    mse = np.mean((np.asarray(image, dtype=np.float64) - truth) ** 2)
-    peak = truth.max() - truth.min()
-    return float(10 * np.log10(peak**2 / mse))
 
 
 def _load_model(path: Path | None) -> Any:
