@@ -7,6 +7,7 @@ cost under 0.05 dB (the issue's budget for the fast path).
 
 import hashlib
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -84,3 +85,14 @@ def test_bundled_model_beats_the_best_gaussian_filter_on_the_sample(sample, deno
 def test_fast_path_costs_under_005_db_on_the_sample(sample, denoised):
     _, clean = sample
     assert abs(psnr_db(denoised[True], clean) - psnr_db(denoised[False], clean)) < 0.05
+
+
+def test_validation_psnr_on_the_sample_compares_with_the_demo(sample, backbone, denoised):
+    """Fine-tuning on the sample pair validates on its patches; with the one PSNR convention the
+    starting weights score there about what ``napari-cnnt demo`` reports for the whole stack."""
+    noisy, clean = sample
+    stop = threading.Event()
+    stop.set()  # measure the starting weights only
+    _, history = napari_cnnt.finetune(backbone, [(noisy, clean)], epochs=1, stop=stop, device="cpu", fast=False)
+    whole = psnr_db(denoised[False], clean)
+    assert history.initial["val_psnr"] == pytest.approx(whole, abs=2.0), (history.initial, whole)

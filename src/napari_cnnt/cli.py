@@ -220,7 +220,8 @@ def open_viewer(files: list[Path] | None = None, show: bool = True) -> Any:
         for f in files:
             viewer.open(f, plugin="napari-cnnt")
     else:
-        viewer.open_sample("napari-cnnt", "noisy_clean_pair")
+        noisy, _ = viewer.open_sample("napari-cnnt", "noisy_clean_pair")
+        viewer.layers.selection.active = noisy  # the Denoise widget starts on the noisy stack
     for name in GUI_WIDGETS:
         viewer.window.add_plugin_dock_widget("napari-cnnt", name, tabify=False)
     return viewer

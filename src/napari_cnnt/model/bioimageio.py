@@ -24,6 +24,7 @@ See docs/bioimageio.md. Needs the ``bioimageio`` extra (``bioimageio.spec``, Pil
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import hashlib
 import io
@@ -65,6 +66,7 @@ CITATION = {
 LINKS = {"git_repo": "https://github.com/napari-cnnt/napari-cnnt"}
 LICENSE = "BSD-3-Clause"  # the project's license; it covers the code and the bundled weights alike
 DEFAULT_AUTHOR = "napari-cnnt user"
+DEFAULT_NAME = "CNNT time-lapse denoiser"
 
 
 class PackageError(ValueError):
@@ -122,7 +124,7 @@ def save_package(
     path = Path(path)
     if path.exists() and not (path.is_dir() if path.suffix.lower() != ".zip" else path.is_file()):
         raise PackageError(f"{path}: exists and is not a {'zip file' if path.suffix.lower() == '.zip' else 'folder'}")
-    model = model.eval().cpu()
+    model = copy.deepcopy(model).cpu().eval()  # the caller's model stays where and as it is
     config = model.config
     raw = _test_stack(config, test_input)
     x = raw[None, :, None].astype(np.float32)  # [1, T, 1, H, W]
@@ -130,7 +132,7 @@ def save_package(
     with torch.no_grad():
         y = model(torch.from_numpy(normalised)).numpy()
     y = _postprocess(y, model.normalization)
-    title = _clean_name(name or f"CNNT denoiser {config.blocks[-1]}ch")
+    title = _clean_name(name or DEFAULT_NAME)
     author_names = list(authors or [DEFAULT_AUTHOR])
 
     with tempfile.TemporaryDirectory(prefix="napari-cnnt-bioimageio-") as tmp:
