@@ -30,7 +30,10 @@ def test_the_generated_widget_adds_what_denoise_returns_without_blocking(
     layer = viewer.add_image(stack((2, 6, 24, 40), seed=3), name="cells")
     _, widget = viewer.window.add_plugin_dock_widget("napari-cnnt", "Denoise (function)")
     assert [w.name for w in widget][:4] == ["image", "model", "time_axis", "tile_frames"]
-    widget.image.value = layer.data
+    widget.reset_choices()  # as when the dock is first shown
+    combo = widget.image.native  # chosen by the layer's name, as a user does
+    combo.setCurrentIndex(next(i for i in range(combo.count()) if combo.itemText(i).startswith("cells")))
+    assert widget.image.value is layer.data
     widget.model.value = model_file
     widget.time_axis.value = 1
     widget.device.value = "cpu"
