@@ -206,7 +206,7 @@ def test_cli_exports_a_package_and_converts_it_back(fixed_model, tmp_path, capsy
     assert f"wrote {out}" in capsys.readouterr().err
     descr = _described(out)
     assert descr.name == "my model" and [a.name for a in descr.authors] == ["A. Tester"]
-    np.testing.assert_array_equal(_array(descr, descr.inputs[0])[0, :, 0], stack[:4, :, 2:34].astype(np.float32))
+    np.testing.assert_array_equal(_array(descr, descr.inputs[0])[0, :, 0], stack[:4].astype(np.float32))  # 4 frames
     back = tmp_path / "back.safetensors"
     assert main(["export", str(back), "--model", str(out)]) == 0
     reloaded = load_model(back)

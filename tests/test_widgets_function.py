@@ -84,17 +84,17 @@ def test_bad_options_are_refused_with_the_reason(model_file, tmp_path):
         functions.denoise_image(None)
 
 
-def test_napari_cnnt_gui_opens_the_sample_pair_with_both_widgets_docked(qtbot, capsys):
+def test_napari_cnnt_gui_opens_the_sample_pair_with_both_widgets_docked(make_napari_viewer, monkeypatch, capsys):
+    import napari
+
     from napari_cnnt.cli import main, open_viewer
 
+    monkeypatch.setattr(napari, "Viewer", make_napari_viewer)  # the fixture's viewers are cleaned up after
     viewer = open_viewer(show=False)
-    try:
-        assert [layer.name for layer in viewer.layers] == ["synthetic noisy", "synthetic clean"]
-        docked = {name for name in viewer.window.dock_widgets}
-        assert {"Denoise (napari-cnnt)", "Fine-tune (napari-cnnt)"} <= docked
-        _, denoiser = viewer.window.add_plugin_dock_widget("napari-cnnt", "Denoise")  # the docked one
-        assert denoiser.layer.value is viewer.layers["synthetic noisy"]
-    finally:
-        viewer.close()
+    assert [layer.name for layer in viewer.layers] == ["synthetic noisy", "synthetic clean"]
+    docked = {name for name in viewer.window.dock_widgets}
+    assert {"Denoise (napari-cnnt)", "Fine-tune (napari-cnnt)"} <= docked
+    _, denoiser = viewer.window.add_plugin_dock_widget("napari-cnnt", "Denoise")  # the docked one
+    assert denoiser.layer.value is viewer.layers["synthetic noisy"]
     assert main(["gui", "missing.tif"]) == 1
     assert "missing.tif: no such file" in capsys.readouterr().err

@@ -559,7 +559,12 @@ def load_package(path: str | Path) -> CNNTDenoiser:
         config = CNNTConfig.from_dict(dict(arch.kwargs["config"]))
     except (KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{path}: the architecture's configuration cannot describe a CNNT model ({e})") from None
-    data = spec.get_reader(weights).read()
+    try:
+        data = spec.get_reader(weights).read()  # checks the SHA-256 the description records
+    except (OSError, ValueError) as e:
+        damaged = "sha256" in str(e).lower()
+        raise CheckpointError(f"{path}: " + ("the weights file does not match its SHA-256 in the description "
+                                            "(damaged)" if damaged else f"cannot read the weights file ({e})")) from None
     if weights.sha256 is not None and hashlib.sha256(data).hexdigest() != str(weights.sha256):
         raise CheckpointError(f"{path}: the weights file does not match its SHA-256 in the description (damaged)")
     try:

@@ -92,12 +92,12 @@ def load_model(
 def _sniff(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(16)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "torch"  # zip archive (torch >= 1.6) or legacy pickle stream
-    if len(head) >= 9:
+    if len(head) >= 9:  # first: a safetensors header length can start with the pickle byte 0x80
         (header_len,) = struct.unpack("<Q", head[:8])
         if head[8:9] == b"{" and 0 < header_len < 100_000_000:
             return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"  # zip archive (torch >= 1.6) or legacy pickle stream
     return "unknown"
 
 
