@@ -102,7 +102,7 @@ def briefly_trained_small(steps: int) -> torch.nn.Module:
 
 
 def accuracy(train_steps: int) -> None:
-    from napari_cnnt.losses import psnr
+    from napari_cnnt.metrics import psnr_db
     from napari_cnnt.model.checkpoint import BUNDLED_WEIGHTS, load_model
 
     if BUNDLED_WEIGHTS.is_file():
@@ -122,10 +122,10 @@ def accuracy(train_steps: int) -> None:
             rt = Runtime.create("cpu", fast=fast)
             m = CNNTDenoiser(model.config).eval()
             m.load_state_dict(model.state_dict())
-            out[label] = psnr(rt.predict(rt.prepare(m), x)[0, :, 0], clean).item()
+            out[label] = psnr_db(rt.predict(rt.prepare(m), x)[0, :, 0], clean)
         d = out["fast"] - out["float32"]
         worst = max(worst, abs(d))
-        print(f"{photons:>8} {psnr(noisy, clean).item():>9.2f} {out['float32']:>11.3f} {out['fast']:>8.3f} {d:>+15.4f}")
+        print(f"{photons:>8} {psnr_db(noisy, clean):>9.2f} {out['float32']:>11.3f} {out['fast']:>8.3f} {d:>+15.4f}")
     verdict = "within" if worst < 0.05 else "OUTSIDE"
     print(f"largest |PSNR difference| {worst:.4f} dB: {verdict} the 0.05 dB budget for the fast path")
 

@@ -33,7 +33,7 @@ from skimage.metrics import structural_similarity
 from skimage.restoration import denoise_nl_means
 
 import napari_cnnt
-from napari_cnnt.cli import psnr_db
+from napari_cnnt.metrics import psnr_db
 from napari_cnnt.synthetic import random_conditions, simulate
 
 SHAPE = (16, 128, 128)

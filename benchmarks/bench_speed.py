@@ -102,7 +102,7 @@ def training(name: str, args) -> dict:
 
 def sample_denoising(repeats: int) -> dict[str, tuple[float, float]] | None:
     """Seconds and PSNR (dB) of denoising the sample data with the bundled model, three ways."""
-    from napari_cnnt.cli import psnr_db
+    from napari_cnnt.metrics import psnr_db
     from napari_cnnt.synthetic import sample_recording
 
     try:

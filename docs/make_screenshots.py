@@ -1,11 +1,15 @@
-"""Screenshots of the denoise and fine-tune widgets at work on the synthetic sample.
+"""The README's pictures, made with the bundled model on the synthetic sample.
 
     xvfb-run -a python docs/make_screenshots.py
 
-writes ``docs/images/finetune_widget.png`` and ``docs/images/denoise_widget.png``
-(the README shows them). This napari-cnnt has no bundled weights yet, so a
-tiny model is first trained on the sample for a few minutes (60 epochs); the pictures
-show the interface, not what a full-size model achieves.
+writes, in ``docs/images``:
+
+- ``sample_comparison.png``: noisy, denoised and true crops of one frame of
+  the sample side by side, with their PSNR (docs/metrics.md);
+- ``denoise_widget.png``: napari as ``napari-cnnt gui`` opens it, after the
+  Denoise widget has run the bundled model on the sample;
+- ``finetune_widget.png``: the Fine-tune widget adapting the bundled model
+  to the sample pair, its chart filling up.
 """
 
 from __future__ import annotations
@@ -13,17 +17,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import napari
+import numpy as np
 from napari.settings import get_settings
+from PIL import Image, ImageDraw, ImageFont
 from qtpy.QtWidgets import QApplication
 
-from napari_cnnt import CNNTConfig, train
-from napari_cnnt.napari.widgets import add_model
-from napari_cnnt.normalization import Normalization
+import napari_cnnt
+from napari_cnnt.cli import open_viewer
+from napari_cnnt.metrics import psnr_db
+from napari_cnnt.runtime import Runtime
 
 IMAGES = Path(__file__).resolve().parent / "images"
-PLUGIN = "napari-cnnt"
-TINY = CNNTConfig(blocks=(8, 16), blocks_per_set=1, n_head=2, pre_channels=(4, 8), dropout_p=0.0)
+FRAME, CROP = 16, (slice(64, 192), slice(64, 192))  # a 128 x 128 region of frame 16
+ZOOM = 3
 
 
 def settle(seconds: float = 0.5) -> None:
@@ -33,58 +39,73 @@ def settle(seconds: float = 0.5) -> None:
         time.sleep(0.02)
 
 
-def wait_until(condition) -> None:
+def wait_until(condition, timeout: float = 1800) -> None:
+    end = time.monotonic() + timeout
     while not condition():
+        if time.monotonic() > end:
+            raise TimeoutError("the widget did not finish in time")
         settle(0.05)
 
 
-def demo_model(noisy, clean):
-    """A tiny starting model, trained on the sample itself (the stand-in for the bundled model)."""
-    model, _ = train([(noisy, clean)], config=TINY, normalization=Normalization("fixed", 60, 220), epochs=60,
-                     lr=2e-3, loss="mse", loss_weights=(1.0,), patch_sizes=32, time=8, batch_size=8,
-                     patches_per_sample=8, scheduler="none", device="cpu")
-    return model
+def comparison(noisy: np.ndarray, denoised: np.ndarray, clean: np.ndarray, target: Path) -> None:
+    """The three crops side by side, each enlarged, on the truth's contrast, titled with their PSNR."""
+    lo, hi = np.percentile(clean[FRAME][CROP], [0.5, 99.8])
+    titles = [f"noisy: {psnr_db(noisy, clean):.1f} dB", f"denoised: {psnr_db(denoised, clean):.1f} dB",
+              "truth (noise-free)"]
+    font = ImageFont.load_default(size=22)
+    side, gap, head = 128 * ZOOM, 12, 40
+    canvas = Image.new("L", (3 * side + 2 * gap, side + head), color=255)
+    draw = ImageDraw.Draw(canvas)
+    for i, (stack, title) in enumerate(zip((noisy, denoised, clean), titles)):
+        crop = np.clip((stack[FRAME][CROP].astype(np.float32) - lo) / (hi - lo), 0, 1)
+        tile = Image.fromarray((crop * 255).astype(np.uint8)).resize((side, side), Image.Resampling.NEAREST)
+        x = i * (side + gap)
+        canvas.paste(tile, (x, head))
+        draw.text((x + side // 2, head // 2), title, fill=0, font=font, anchor="mm")
+    canvas.save(target)
 
 
 def main() -> None:
     IMAGES.mkdir(exist_ok=True)
     get_settings().application.gui_notification_level = "error"  # no pop-ups over the pictures
-    viewer = napari.Viewer(title="napari-cnnt")
-    viewer.window.resize(1600, 950)
-    noisy, clean = viewer.open_sample(PLUGIN, "noisy_clean_pair")
-    print("training the tiny starting model...", flush=True)
-    base = add_model(demo_model(noisy.data, clean.data), "tiny demo model")
-
-    _, tune = viewer.window.add_plugin_dock_widget(PLUGIN, "Fine-tune")
-    tune.model.combo.value = base
-    tune.epochs.value = 12
-    tune.lr.value = "5e-4"
-    tune.patch_sizes.value = "32, 64"
-    tune.time.value = 8
-    tune.batch_size.value = 4
-    tune.device.value = "cpu"
+    viewer = open_viewer()  # what `napari-cnnt gui` opens: the sample pair, Denoise and Fine-tune docked
+    viewer.window.resize(1700, 1000)
+    noisy, clean = viewer.layers["synthetic noisy"], viewer.layers["synthetic clean"]
+    denoise_dock, denoiser = viewer.window.add_plugin_dock_widget("napari-cnnt", "Denoise")  # the docked ones
+    tune_dock, tuner = viewer.window.add_plugin_dock_widget("napari-cnnt", "Fine-tune")
     settle()
-    tune.start()
-    wait_until(lambda: len(tune.records) >= 8)
-    settle(1.0)
-    viewer.screenshot(IMAGES / "finetune_widget.png", canvas_only=False, flash=False)
-    wait_until(lambda: not tune.busy)
-    tuned = tune.result.entry
-    viewer.window.remove_dock_widget(tune.native)
 
-    _, denoiser = viewer.window.add_plugin_dock_widget(PLUGIN, "Denoise")
     denoiser.layer.value = noisy
-    denoiser.model.combo.value = tuned
-    denoiser.device.value = "cpu"
     denoiser.start()
     wait_until(lambda: not denoiser.busy)
-    clean.visible = False
-    viewer.canvas.grid.enabled = True
-    viewer.dims.set_point(0, 10)
+    denoised = viewer.layers["synthetic noisy denoised"]
+    expected = napari_cnnt.denoise(noisy.data, napari_cnnt.load_model(), device=Runtime.create("auto"))
+    assert np.allclose(denoised.data, expected, atol=1e-3), "the widget's result differs from denoise()"
+    comparison(noisy.data, denoised.data, clean.data, IMAGES / "sample_comparison.png")
+
+    for layer in (noisy, denoised, clean):
+        layer.contrast_limits = tuple(np.percentile(clean.data[FRAME], [0.5, 99.8]))
+    viewer.layers.move(viewer.layers.index(denoised), 1)
+    viewer.grid.enabled = True
+    viewer.grid.shape = (1, 3)
+    viewer.dims.set_point(0, FRAME)
     viewer.reset_view()
-    viewer.layers.selection.active = viewer.layers[f"{noisy.name} denoised"]
+    viewer.layers.selection.active = denoised
+    denoise_dock.raise_()
     settle(1.0)
     viewer.screenshot(IMAGES / "denoise_widget.png", canvas_only=False, flash=False)
+
+    denoise_dock.hide()  # the Fine-tune widget and its chart get the dock's height
+    tuner.epochs.value = 12
+    tuner.lr.value = "1e-4"
+    tuner.patch_sizes.value = "64"
+    tuner.batch_size.value = 4
+    settle()
+    tuner.start()
+    wait_until(lambda: len(tuner.records) >= 8)
+    settle(1.0)
+    viewer.screenshot(IMAGES / "finetune_widget.png", canvas_only=False, flash=False)
+    wait_until(lambda: not tuner.busy)
     viewer.close()
 
 

@@ -1,5 +1,11 @@
+import importlib.util
 import os
 from pathlib import Path
+
+# The GUI tests run on Qt6, the binding the napari extra installs, also where PyQt5 is installed too
+# (qtpy would pick PyQt5 first). Set QT_API to choose another binding.
+if importlib.util.find_spec("PyQt6") is not None:
+    os.environ.setdefault("QT_API", "pyqt6")
 
 import pytest
 import torch

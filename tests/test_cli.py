@@ -173,7 +173,7 @@ def test_no_command_is_a_usage_error(capsys):
 
 
 def test_demo_reports_psnr_of_the_sample(tmp_path, capsys, model, model_file):
-    from napari_cnnt.cli import psnr_db
+    from napari_cnnt.metrics import psnr_db
     from napari_cnnt.synthetic import sample_recording
 
     out = tmp_path / "denoised.tif"

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .metrics import psnr_db
 from .training.cli import add_finetune, add_train
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -135,6 +136,97 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- export
+def add_export(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "export", help="write a model as a bioimage.io model package (or as a napari-cnnt file)",
+        description="Write a model as a bioimage.io model package (spec 0.5) that other bioimage.io tools "
+                    "run: OUTPUT.zip, or a folder for any other name. An OUTPUT ending in .safetensors "
+                    "writes napari-cnnt's own format instead (e.g. to convert a reference checkpoint or a "
+                    "package back).",
+    )
+    p.add_argument("output", metavar="OUTPUT", type=Path, help="OUT.zip or a folder; or OUT.safetensors")
+    p.add_argument("--model", metavar="PATH", type=Path,
+                   help="a napari-cnnt model file, a reference checkpoint (.pt) or a bioimage.io package; "
+                        "default: the bundled model")
+    p.add_argument("--name", help="the package's name (letters, digits, spaces and _+-())")
+    p.add_argument("--author", action="append", metavar="NAME",
+                   help="an author of the model (repeat for several; default: the bundled model's developers, "
+                        "otherwise 'napari-cnnt user')")
+    p.add_argument("--test-input", metavar="FILE", type=Path,
+                   help="a TIFF or HDF5 stack whose centre becomes the package's test input "
+                        "(default: the synthetic sample)")
+    p.add_argument("--dataset", metavar="KEY", help="with --test-input: the HDF5 dataset or TIFF series")
+    p.set_defaults(run=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .model.bioimageio import save_package
+    from .model.checkpoint import provenance_of, save_model
+
+    if args.model is not None and args.output.exists() and args.model.exists() \
+            and os.path.samefile(args.output, args.model):
+        raise UsageError(f"{args.output}: refusing to overwrite the model; choose another output")
+    model = _load_model(args.model)
+    if args.output.suffix.lower() == ".safetensors":
+        save_model(model, args.output)
+    else:
+        test_input = None
+        if args.test_input is not None:
+            image = read_image(args.test_input, args.dataset)
+            data = np.asarray(image.data[(0,) * (len(image.data.shape) - 3)])  # the first [T, Y, X] stack
+            test_input = data
+        authors = args.author or (["napari-cnnt developers"] if args.model is None else None)
+        save_package(model, args.output, provenance_of(model), name=args.name, authors=authors,
+                     test_input=test_input)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- gui
+GUI_WIDGETS = ("Denoise", "Fine-tune")
+
+
+def add_gui(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "gui", help="open napari with the sample pair (or your stacks) and the plugin's widgets",
+        description="Open napari with the synthetic noisy/clean sample pair, or the given stacks, and the "
+                    "Denoise and Fine-tune widgets docked.",
+    )
+    p.add_argument("files", nargs="*", type=Path, metavar="FILE",
+                   help="TIFF or HDF5 stacks to open instead of the sample pair")
+    p.set_defaults(run=run_gui)
+
+
+def run_gui(args: argparse.Namespace) -> int:
+    viewer = open_viewer(args.files)
+    import napari
+
+    napari.run()
+    return 0 if viewer is not None else 1
+
+
+def open_viewer(files: list[Path] | None = None, show: bool = True) -> Any:
+    """A napari viewer with ``files`` (default: the sample pair) and the plugin's widgets docked."""
+    try:
+        import napari
+    except ImportError:
+        raise UsageError("the gui needs napari: pip install 'napari-cnnt[napari]'") from None
+    for f in files or []:
+        if not f.is_file():
+            raise UsageError(f"{f}: no such file")
+    viewer = napari.Viewer(title="napari-cnnt", show=show)
+    if files:
+        for f in files:
+            viewer.open(f, plugin="napari-cnnt")
+    else:
+        noisy, _ = viewer.open_sample("napari-cnnt", "noisy_clean_pair")
+        viewer.layers.selection.active = noisy  # the Denoise widget starts on the noisy stack
+    for name in GUI_WIDGETS:
+        viewer.window.add_plugin_dock_widget("napari-cnnt", name, tabify=False)
+    return viewer
+
+
 # ----------------------------------------------------------------------------- simulate
 def add_simulate(subparsers: Any) -> None:
     from .synthetic import STRUCTURES
@@ -194,14 +286,6 @@ def _runtime(args: argparse.Namespace) -> Any:
         return Runtime.create(args.device, args.fast)
     except ValueError as e:
         raise UsageError(str(e)) from None
-
-
-def psnr_db(image: np.ndarray, truth: np.ndarray) -> float:
-    """PSNR in dB with the truth's intensity range as the peak."""
-    truth = np.asarray(truth, dtype=np.float64)
-    mse = np.mean((np.asarray(image, dtype=np.float64) - truth) ** 2)
-    peak = truth.max() - truth.min()
-    return float(10 * np.log10(peak**2 / mse))
 
 
 def _load_model(path: Path | None) -> Any:
@@ -310,7 +394,9 @@ def _progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
 
 
 # ----------------------------------------------------------------------------- entry point
-SUBCOMMANDS: list[Callable[[Any], None]] = [add_denoise, add_train, add_finetune, add_simulate, add_demo]
+SUBCOMMANDS: list[Callable[[Any], None]] = [
+    add_denoise, add_train, add_finetune, add_simulate, add_demo, add_export, add_gui,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

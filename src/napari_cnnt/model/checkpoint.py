@@ -8,7 +8,8 @@ Two formats are read:
   JSON configuration beside it (same stem) or given explicitly. Its
   ``attn.mask`` buffers are constants and are dropped.
 
-Only napari-cnnt's format is written, atomically (temporary file, then rename).
+Only napari-cnnt's format is written here, atomically (temporary file, then
+rename); bioimage.io model packages are written and read by ``bioimageio.py``.
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ def load_model(
     Parameters
     ----------
     path
-        A napari-cnnt model file, or a reference checkpoint (state-dict
-        ``.pt``). ``None`` loads the model bundled with the package.
+        A napari-cnnt model file, a reference checkpoint (state-dict
+        ``.pt``), or a bioimage.io model package of a CNNT model (zip file,
+        folder or its ``rdf.yaml``). ``None`` loads the model bundled with
+        the package.
     config
         Only for reference checkpoints: their run configuration as a dict,
         a :class:`CNNTConfig` or the path of the JSON file. By default the
@@ -65,6 +68,12 @@ def load_model(
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such model file")
+    from . import bioimageio
+
+    if bioimageio.is_package(path):
+        if config is not None:
+            raise CheckpointError(f"{path}: bioimage.io packages carry their own configuration; do not pass config=")
+        return bioimageio.load_package(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a model file")
 
@@ -83,12 +92,12 @@ def load_model(
 def _sniff(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(16)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "torch"  # zip archive (torch >= 1.6) or legacy pickle stream
-    if len(head) >= 9:
+    if len(head) >= 9:  # first: a safetensors header length can start with the pickle byte 0x80
         (header_len,) = struct.unpack("<Q", head[:8])
         if head[8:9] == b"{" and 0 < header_len < 100_000_000:
             return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"  # zip archive (torch >= 1.6) or legacy pickle stream
     return "unknown"
 
 
@@ -248,25 +257,31 @@ def _build(path: Path, config: CNNTConfig, state: Mapping[str, torch.Tensor]) ->
 
 
 # ----------------------------------------------------------------------------- saving
-def save_model(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
-    """Write ``model`` to ``path`` in napari-cnnt's format, atomically.
+FORMATS = (FORMAT_NAME, "bioimageio")
 
-    Keyword arguments are added to the model's provenance (for example
-    ``base_model``, ``training_data``, ``epochs``, ``metrics``); values must
-    be JSON-serialisable. Returns the path written.
+
+def save_model(model: nn.Module, path: str | os.PathLike, *, format: str = FORMAT_NAME, **metadata: Any) -> Path:
+    """Write ``model`` to ``path``, atomically; returns the path written.
+
+    ``format="napari-cnnt"`` writes one safetensors file; ``"bioimageio"``
+    a bioimage.io model package, a zip file if ``path`` ends in ``.zip``,
+    else a folder (``napari_cnnt.model.bioimageio.save_package`` also takes
+    the package's name, authors and test data). Keyword arguments are added
+    to the model's provenance (for example ``base_model``, ``training_data``,
+    ``epochs``, ``metrics``); values must be JSON-serialisable.
     """
     from safetensors.torch import save as st_save
-
-    from .. import __version__
 
     if not isinstance(model, CNNTDenoiser):
         raise TypeError(f"save_model expects a CNNTDenoiser, got {type(model).__name__}")
     path = Path(path)
-    provenance = dict(getattr(model, "metadata", {}) or {})
-    provenance.update(metadata)
-    provenance.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    provenance["napari_cnnt_version"] = __version__
-    provenance["torch_version"] = torch.__version__
+    provenance = provenance_of(model, **metadata)
+    if format == "bioimageio":
+        from .bioimageio import save_package
+
+        return save_package(model, path, provenance)
+    if format != FORMAT_NAME:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     header = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -276,6 +291,18 @@ def save_model(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Pa
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     return atomic_write(path, st_save(tensors, metadata=header))
+
+
+def provenance_of(model: CNNTDenoiser, **metadata: Any) -> dict[str, Any]:
+    """What a saved model records about itself: its metadata, ``metadata``, the time and the versions."""
+    from .. import __version__
+
+    provenance = dict(getattr(model, "metadata", {}) or {})
+    provenance.update(metadata)
+    provenance.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    provenance["napari_cnnt_version"] = __version__
+    provenance["torch_version"] = torch.__version__
+    return provenance
 
 
 def atomic_write(path: str | os.PathLike, payload: bytes) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -23,10 +24,16 @@ class CNNTDenoiser(nn.Module):
     ``normalization`` and ``metadata`` travel with the model through
     ``save_model``/``load_model``: the intensity scaling the model expects and
     its provenance.
+
+    ``config`` may also be given as its dict (``CNNTConfig.to_dict()``), so
+    that ``CNNTDenoiser(config={...})`` builds the network from plain values,
+    as bioimage.io tools do from a package's architecture description.
     """
 
-    def __init__(self, config: CNNTConfig | None = None):
+    def __init__(self, config: CNNTConfig | Mapping[str, Any] | None = None):
         super().__init__()
+        if isinstance(config, Mapping):
+            config = CNNTConfig.from_dict(dict(config))
         self.config = config or CNNTConfig()
         c1, c2 = self.config.pre_channels
         k, p = self.config.kernel_size, self.config.padding

@@ -10,8 +10,6 @@ state dicts load with strict key checking.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,7 +109,7 @@ class CNNTAttention(nn.Module):
             qkv = qkv.unflatten(0, (B, T)).unflatten(2, (3, nh, hc)).permute(2, 0, 3, 1, 4, 5, 6)
         q, k, v = qkv.reshape(3, B, nh, T, D).unbind(0)
 
-        att = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(D))
+        att = (q @ k.transpose(-2, -1)).float() * D**-0.5  # a traced size under torch.jit.trace
         if self.is_causal:
             future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
             att = att.masked_fill(future, float("-inf"))

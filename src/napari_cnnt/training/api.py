@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..losses import CombinedLoss
+from ..metrics import truth_range
 from ..model.config import CNNTConfig, preset
 from ..model.denoiser import CNNTDenoiser
 from ..normalization import Normalization
@@ -232,7 +233,8 @@ def evaluate(
     device: str | torch.device | None = None,
     fast: bool | None = None,
 ) -> dict[str, float]:
-    """Mean loss, PSNR and SSIM of ``model`` over whole stacks, denoised tile by tile.
+    """Mean loss, PSNR and SSIM of ``model`` over whole stacks, denoised tile by tile
+    (PSNR as ``napari_cnnt.metrics`` defines it, per stack).
 
     ``data`` takes what ``finetune``'s ``pairs`` takes, or a list of
     :class:`Sample`; stacks are scaled with the model's normalisation.
@@ -246,7 +248,8 @@ def evaluate(
     totals = [0.0, 0.0, 0.0]
     for s in samples:
         out = denoise(s.noisy, model, device=runtime, normalization="none")
-        values = metrics(torch.from_numpy(out)[None, :, None], torch.from_numpy(s.clean)[None, :, None], loss_fn)
+        values = metrics(torch.from_numpy(out)[None, :, None], torch.from_numpy(s.clean)[None, :, None], loss_fn,
+                         truth_range(s.clean))
         totals = [t + v for t, v in zip(totals, values)]
     n = len(samples)
     return {"loss": totals[0] / n, "psnr": totals[1] / n, "ssim": totals[2] / n}

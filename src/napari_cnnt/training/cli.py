@@ -295,6 +295,11 @@ def _data(args: argparse.Namespace, normalization: Any) -> tuple[list, list, lis
         parts["test"] = [(Path(f), k) for f in args.test_case for k in h5_keys(f)]
     if args.train_only:
         parts["val"], notes = [], ["--train_only: no validation, the last weights are kept"]
+    trained = set(parts["train"])
+    if any(key in trained for key in parts["test"]):  # e.g. --ratio 100 0 0 would test a training sample
+        parts["test"] = [key for key in parts["test"] if key not in trained]
+        notes = notes + ["test samples that also train are left out of the test" if parts["test"] else
+                         "no test metrics: every test sample also trains (give held-out files with --test_case)"]
     train = samples_from_keys(parts["train"], normalization)
     val = samples_from_keys(parts["val"], normalization)
     split = Split([s.name for s in train], [s.name for s in val], notes)

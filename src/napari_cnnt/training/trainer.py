@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..losses import CombinedLoss, psnr, ssim
+from ..metrics import truth_range
 from ..model.checkpoint import atomic_write
 from ..model.config import CNNTConfig
 from ..model.denoiser import CNNTDenoiser
@@ -245,12 +246,18 @@ def _data_fingerprint(samples: list[Sample]) -> list[list[Any]]:
     return [[s.name, list(s.shape)] for s in samples]
 
 
-def metrics(output: torch.Tensor, target: torch.Tensor, loss_fn: CombinedLoss) -> tuple[float, float, float]:
-    """Loss, PSNR and SSIM of one ``[1, T, 1, H, W]`` prediction; PSNR and SSIM of the output
-    clipped to [0, 1], as an image would be shown."""
+def metrics(
+    output: torch.Tensor, target: torch.Tensor, loss_fn: CombinedLoss, peak: float
+) -> tuple[float, float, float]:
+    """Loss, PSNR and SSIM of one ``[1, T, 1, H, W]`` prediction.
+
+    PSNR follows napari-cnnt's convention (``napari_cnnt.metrics``): the output
+    as it is, ``peak`` the range of the whole truth stack the target was cut
+    from. SSIM is measured on the model's [0, 1] scale, the output clipped to it.
+    """
     output, target = output.float(), target.float()
-    shown = output.clamp(0, 1)
-    return loss_fn(output, target).item(), psnr(shown, target).item(), ssim(shown, target).item()
+    value = psnr(output, target, data_range=peak).item() if peak > 0 else math.nan
+    return loss_fn(output, target).item(), value, ssim(output.clamp(0, 1), target).item()
 
 
 class CheckpointMismatch(ValueError):
@@ -386,13 +393,13 @@ class Trainer:
         net = distributed.wrap(model, self.ranks, rt.device)
         optimizer = _optimizer(model, s)
         scheduler = _scheduler(optimizer, s, s.epochs * self.steps)
-        val_x, val_y = self._validation_patches()
+        val_x, val_y, val_peaks = self._validation_patches()
         loss_fn = CombinedLoss(s.loss, s.loss_weights)
 
         if resumed is None:
             best_state = _cpu_state(model)
             if val_x:
-                history.initial = self._validate(model, val_x, val_y, loss_fn)
+                history.initial = self._validate(model, val_x, val_y, val_peaks, loss_fn)
                 history.best_score = history.initial[s.select]
             self._save(model, best_state, optimizer, scheduler, history)
         else:
@@ -411,7 +418,7 @@ class Trainer:
             if stopped:
                 history.stopped = True
                 break
-            val = self._validate(model, val_x, val_y, loss_fn) if val_x else {
+            val = self._validate(model, val_x, val_y, val_peaks, loss_fn) if val_x else {
                 "val_loss": math.nan, "val_psnr": math.nan, "val_ssim": math.nan}
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(val["val_loss"] if val_x else train_loss)
@@ -484,36 +491,38 @@ class Trainer:
         left = (self.settings.epochs - epoch) * self.steps + self.steps - step
         return elapsed, elapsed / timed * left
 
-    def _validation_patches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _validation_patches(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[np.ndarray]]:
         """Fixed patches of ``val_patch_size``, or of the smallest and the largest patch size,
-        this process's share."""
+        this process's share, and the PSNR peak of each: the truth range of the sample it was cut from."""
         s = self.settings
         if not self.val_samples:
-            return [], []
+            return [], [], []
         sizes = sorted(set(s.patch_sizes), key=lambda hw: hw[0] * hw[1])
         chosen = [s.val_patch_size] if s.val_patch_size else [sizes[0], sizes[-1]]
-        xs, ys = [], []
+        ranges = np.array([truth_range(v.clean) for v in self.val_samples])
+        xs, ys, peaks = [], [], []
         for k, (h, w) in enumerate(dict.fromkeys(chosen)):
             sampler = PatchSampler(self.val_samples, s.time, h, w, s.value_thres, s.area_thres)
             x, y = sampler.fixed_patches(s.val_patches_per_sample, seed=[s.seed, 0, 1 + k])
             share = slice(self.ranks.rank, None, self.ranks.world_size)
             xs.append(torch.from_numpy(x[share]))
             ys.append(torch.from_numpy(y[share]))
-        return xs, ys
+            peaks.append(np.repeat(ranges, s.val_patches_per_sample)[share])  # fixed_patches' order
+        return xs, ys, peaks
 
     @torch.no_grad()
-    def _validate(self, model, val_x, val_y, loss_fn) -> dict[str, float]:
+    def _validate(self, model, val_x, val_y, val_peaks, loss_fn) -> dict[str, float]:
         """Mean loss, PSNR and SSIM over the validation patches, each patch weighing the same."""
         rt, bs = self.runtime, self.settings.batch_size
         model.eval()
         sums = [0.0, 0.0, 0.0, 0.0]
-        for xs, ys in zip(val_x, val_y):
+        for xs, ys, peaks in zip(val_x, val_y, val_peaks):
             for i in range(0, len(xs), bs):
                 x, y = xs[i:i + bs].to(rt.device), ys[i:i + bs].to(rt.device)
                 with rt.autocast():
                     out = model(x)
                 for j in range(len(x)):
-                    for k, value in enumerate(metrics(out[j:j + 1], y[j:j + 1], loss_fn)):
+                    for k, value in enumerate(metrics(out[j:j + 1], y[j:j + 1], loss_fn, peaks[i + j])):
                         sums[k] += value
                     sums[3] += 1
         loss, p, q, n = distributed.sum_across(sums, self.ranks, rt.device)

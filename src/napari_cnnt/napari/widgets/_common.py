@@ -16,7 +16,7 @@ from ...model.checkpoint import CheckpointError
 from ...runtime import fast_path_supported, fast_path_unavailable, resolve_device
 from .models import MODELS, ModelEntry, add_file
 
-MODEL_FILES = "CNNT models (*.safetensors *.pt *.pth);;All files (*)"
+MODEL_FILES = "CNNT models (*.safetensors *.pt *.pth *.zip rdf.yaml);;All files (*)"
 
 
 # ----------------------------------------------------------------------------- messages

@@ -29,6 +29,27 @@ def _range(values: Sequence[float]) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
+def ticks(lo: float, hi: float, most: int = 4) -> list[tuple[float, str]]:
+    """Round values inside ``[lo, hi]`` (2 to ``most`` of them where possible, 1, 2, 2.5 or 5
+    times a power of ten apart) and their labels, with as many decimals as the spacing needs,
+    so that neighbouring labels always differ however small the range."""
+    span = hi - lo
+    if not (math.isfinite(span) and span > 0):
+        return [(lo, f"{lo:.3g}")]
+    power = 10.0 ** math.floor(math.log10(span / most))
+    candidates = []
+    for step in (m * power for m in (1, 2, 2.5, 5, 10, 20, 25, 50)):
+        first, last = math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)
+        if last > first:
+            candidates.append((step, [k * step for k in range(first, last + 1)]))
+    fitting = [c for c in candidates if len(c[1]) <= most]
+    step, values = fitting[0] if fitting else min(candidates, key=lambda c: len(c[1]))
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    if abs(round(step, decimals) - step) > 1e-9 * step:  # 2.5 x 10^k needs one more
+        decimals += 1
+    return [(round(v, decimals), f"{v:.{decimals}f}") for v in values]
+
+
 class LossPlot(QWidget):
     """Call :meth:`set_records` with the history records (dicts with ``COLUMNS`` keys)."""
 
@@ -45,6 +66,13 @@ class LossPlot(QWidget):
             self.epochs = max(1, int(epochs))
         self.update()
 
+    def ranges(self) -> dict[bool, tuple[float, float]]:
+        """The value range of the left (losses, ``False``) and the right (PSNR, ``True``) axis."""
+        return {
+            False: _range([r[k] for r in self.records for k, _, _, right in SERIES if not right]),
+            True: _range([r["val_psnr"] for r in self.records]),
+        }
+
     def paintEvent(self, event) -> None:  # noqa: N802 - Qt's name
         p = QPainter(self)
         p.setRenderHint(QPainter.RenderHint.Antialiasing)
@@ -57,15 +85,16 @@ class LossPlot(QWidget):
         x_of = (lambda e: plot.left() + plot.width() * (e - 1) / (n - 1)) if n > 1 else (lambda e: plot.center().x())
         p.drawText(QRectF(plot.left(), plot.bottom() + 2, plot.width(), fm.height()),
                    Qt.AlignmentFlag.AlignCenter, f"epoch (of {n})")
-        ranges = {
-            False: _range([r[k] for r in self.records for k, _, _, right in SERIES if not right]),
-            True: _range([r["val_psnr"] for r in self.records]),
-        }
+        ranges = self.ranges()
         for right, (lo, hi) in ranges.items():
             x = plot.right() + 4 if right else 0
+            edge = plot.right() if right else plot.left()
             align = Qt.AlignmentFlag.AlignLeft if right else Qt.AlignmentFlag.AlignRight
-            for value, y in ((hi, plot.top()), (lo, plot.bottom() - fm.height())):
-                p.drawText(QRectF(x, y, 44, fm.height()), align | Qt.AlignmentFlag.AlignVCenter, f"{value:.3g}")
+            for value, label in ticks(lo, hi):
+                y = plot.bottom() - plot.height() * (value - lo) / (hi - lo)
+                p.drawLine(QPointF(edge - 3, y), QPointF(edge + 3, y))
+                p.drawText(QRectF(x, y - fm.height() / 2, 44, fm.height()),
+                           align | Qt.AlignmentFlag.AlignVCenter, label)
         legend_x = plot.left()
         for i, (key, name, colour, right) in enumerate(SERIES):
             lo, hi = ranges[right]

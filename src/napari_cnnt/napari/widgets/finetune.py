@@ -35,7 +35,8 @@ from qtpy.QtWidgets import QFileDialog
 from ...io import ImageFileError
 from ...io.hdf5 import read_training_pairs
 from ...losses import LOSSES
-from ...model.checkpoint import CheckpointError, save_model
+from ...model.bioimageio import save_package
+from ...model.checkpoint import CheckpointError, provenance_of, save_model
 from ...runtime import Runtime
 from ...training.api import finetune, prepare_run
 from ...training.data import h5_keys
@@ -62,6 +63,11 @@ FINETUNE_RECIPES = ("few-sample", "reference")
 SETTING_NAMES = {"patch_sizes": "'Patch sizes'", "val_patch_size": "'Patch sizes'", "batch_size": "'Batch size'",
                  "time": "'Time window'", "epochs": "'Epochs'", "lr": "'Learning rate'",
                  "steps_per_epoch": "'Steps per epoch'"}
+PACKAGE_SUFFIX = ".zip"
+SAVE_FORMATS = {  # the save dialog's file types and the suffix each writes
+    "napari-cnnt model (*.safetensors)": ".safetensors",
+    "bioimage.io model package (*.zip)": PACKAGE_SUFFIX,
+}
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -608,18 +614,25 @@ class FinetuneWidget(Container):
 
     # ------------------------------------------------------------------ the result
     def save(self, *_: Any, path: str | os.PathLike | None = None) -> Path | None:
-        """Save the fine-tuned model (napari-cnnt format with provenance), asking where if no ``path``."""
-        if self.result is None:
+        """Save the fine-tuned model with its provenance, asking where (and as what) if no ``path``:
+        a napari-cnnt file (``.safetensors``) or a bioimage.io model package (``.zip``), which is
+        written in the background."""
+        if self.result is None or self.busy:
             return None
+        chosen = ""
         if path is None:
             default = self.result.entry.name.replace(" ", "_").replace("'", "") + ".safetensors"
-            path, _ = QFileDialog.getSaveFileName(self.native, "Save the fine-tuned model", default,
-                                                  "napari-cnnt model (*.safetensors)")
+            path, chosen = QFileDialog.getSaveFileName(self.native, "Save the fine-tuned model", default,
+                                                       ";;".join(SAVE_FORMATS))
             if not path:
                 return None
         path = Path(path)
-        if path.suffix.lower() != ".safetensors":
-            path = path.with_name(path.name + ".safetensors")
+        package = SAVE_FORMATS.get(chosen, path.suffix.lower()) == PACKAGE_SUFFIX
+        suffix = PACKAGE_SUFFIX if package else ".safetensors"
+        if path.suffix.lower() != suffix:
+            path = path.with_name(path.name + suffix)
+        if package:
+            return self._save_package(path)
         try:
             save_model(self.result.entry.model, path, **self.result.provenance)
         except (OSError, TypeError, ValueError) as e:
@@ -627,6 +640,30 @@ class FinetuneWidget(Container):
             return None
         self.result.entry.path = path
         show_info(f"Saved the model to {path}.")
+        return path
+
+    def _save_package(self, path: Path) -> Path:
+        """Write the bioimage.io package on a worker thread (it runs the model on its test data)."""
+        entry, provenance = self.result.entry, provenance_of(self.result.entry.model, **self.result.provenance)
+
+        def task(report: Callable[[Any], None], stop: Any) -> Path:
+            return save_package(entry.model, path, provenance, name=entry.name)
+
+        def ended(outcome: Outcome) -> None:
+            self.job = None
+            if outcome.error is not None:
+                self.progress.finish("Failed.")
+                show_error(explain(outcome.error, f"Saving the package {path.name}", MEMORY_HINT))
+            else:
+                self.progress.finish(f"Saved {path.name}.")
+                show_info(f"Saved the model as a bioimage.io package to {path}.")
+            self._set_busy(False)
+
+        self.job = Job(task, on_report=lambda _: None, on_end=ended)
+        self._set_busy(True)
+        self.stop_button.enabled = False
+        self.progress.start(f"Writing the bioimage.io package {path.name}")
+        self.job.start()
         return path
 
     def denoise_noisy(self, *_: Any) -> None:
