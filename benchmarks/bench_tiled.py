@@ -3,7 +3,7 @@
 Part 1 denoises one stack (default 32 x 512 x 512, ``small`` preset) three ways
 and prints them side by side:
 
-- ``plain``: the reference's algorithm as section 9 of cnnt-reference.md
+- ``plain``: the reference's algorithm as section 9 of docs/cnnt.md
   describes it (every tile cut into one array, run, blended with numpy;
   ``tests/reference_tiling.py``);
 - ``denoise reference``: ``denoise(layout="reference")``, which must give the

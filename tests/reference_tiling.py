@@ -1,4 +1,4 @@
-"""A plain transcription of the reference's whole-stack inference (cnnt-reference.md, section 9).
+"""A plain transcription of the reference's whole-stack inference (docs/cnnt.md, section 9).
 
 It is the oracle the tiled ``denoise`` is checked against, and the baseline of
 ``benchmarks/bench_tiled.py``: every tile is cut into one array up front, run,

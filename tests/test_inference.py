@@ -65,7 +65,7 @@ def test_ramp_fades_linearly_over_the_overlap():
 
 
 def test_reference_layout_wastes_a_whole_stride_but_auto_does_not():
-    # The example of cnnt-reference.md section 9: 8 tiles where 1 suffices.
+    # The example of docs/cnnt.md section 9: 8 tiles where 1 suffices.
     shape, tile, overlap = (16, 128, 128), (16, 128, 128), (4, 32, 32)
     assert len(TilePlan.create(shape, tile, overlap, "reference")) == 8
     assert len(TilePlan.create(shape, tile, overlap, "auto")) == 1

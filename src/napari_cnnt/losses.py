@@ -1,6 +1,6 @@
 """Training losses and reporting metrics for ``[B, T, 1, H, W]`` stacks in [0, 1].
 
-The formulas follow the reference implementation (``cnnt-reference.md``
+The formulas follow the reference implementation (``docs/cnnt.md``
 section 6), including its size normalisation ``s = H*W/4096`` so that loss
 values and loss weights carry over from the reference's recipes. Losses are
 always computed in float32, also when the network runs in bfloat16.

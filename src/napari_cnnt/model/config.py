@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class CNNTConfig:
-    """Hyper-parameters of the CNNT denoiser (``cnnt-reference.md`` sections 1-5).
+    """Hyper-parameters of the CNNT denoiser (``docs/cnnt.md`` sections 1-5).
 
     ``time``, ``height`` and ``width`` describe the patch the model was trained
     on. Only the ``layer`` norm depends on them (its weights have shape

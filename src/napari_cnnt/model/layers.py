@@ -253,7 +253,7 @@ def _cat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class CNNTUnet(nn.Module):
-    """The CNNT U-net with 2 to 4 levels (``cnnt-reference.md`` section 4).
+    """The CNNT U-net with 2 to 4 levels (``docs/cnnt.md`` section 4).
 
     Block sets are named ``down1..``, ``up1..`` and ``final`` as in the
     reference; skip connections concatenate the up-sampled tensor first.

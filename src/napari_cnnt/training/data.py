@@ -6,7 +6,7 @@ memory as float32 ``[T, H, W]``. Samples come from in-memory arrays
 one group per sample holding ``noisy_im`` and ``clean_im``).
 
 A :class:`PatchSampler` cuts ``time x height x width`` patches following the
-reference recipe (``cnnt-reference.md`` section 7): symmetric padding of
+reference recipe (``docs/cnnt.md`` section 7): symmetric padding of
 stacks that are too short or too small, random flips in H and W, a random
 cut-out, and up to ten draws to find one whose target shows enough signal.
 """

@@ -1,6 +1,6 @@
 """The training engine shared by ``finetune``, ``train``, the command line and the widget.
 
-It follows the reference recipe (``cnnt-reference.md`` section 8): batches of
+It follows the reference recipe (``docs/cnnt.md`` section 8): batches of
 several patch sizes interleaved at random, AdamW, gradient clipping, a
 learning-rate schedule, LSUV when starting from scratch, and the weights
 with the best validation loss kept. On top of that it
