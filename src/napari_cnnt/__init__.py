@@ -12,10 +12,10 @@ Heavy modules (torch) load on first use, so napari starts quickly.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-from typing import TYPE_CHECKING
+
+import lazy_loader
 
 if sys.platform.startswith("linux"):
     # Back PyTorch's large CPU tensors with transparent huge pages. Without it
@@ -33,36 +33,7 @@ try:
 except Exception:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-_LAZY = {
-    "load_model": "napari_cnnt.model.checkpoint",
-    "save_model": "napari_cnnt.model.checkpoint",
-    "CheckpointError": "napari_cnnt.model.checkpoint",
-    "CNNTConfig": "napari_cnnt.model.config",
-    "ConfigError": "napari_cnnt.model.config",
-    "PRESETS": "napari_cnnt.model.config",
-    "CNNTDenoiser": "napari_cnnt.model.denoiser",
-    "denoise": "napari_cnnt.inference",
-    "Cancelled": "napari_cnnt.inference",
-    "finetune": "napari_cnnt.training.api",
-    "train": "napari_cnnt.training.api",
-}
-
-__all__ = sorted(_LAZY) + ["__version__"]
-
-if TYPE_CHECKING:
-    from .model.checkpoint import CheckpointError, load_model, save_model
-    from .model.config import PRESETS, CNNTConfig, ConfigError
-    from .inference import Cancelled, denoise
-    from .model.denoiser import CNNTDenoiser
-    from .training.api import finetune, train
-
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'napari_cnnt' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__():
-    return __all__
+# The public names, and the modules they come from, are declared once, in
+# ``__init__.pyi``; they load on first use.
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)
+__all__ = [*__all__, "__version__"]
