@@ -58,7 +58,7 @@ def bench_preset(name: str, frames: int, size: int, repeats: int) -> dict:
     times = {label: float("inf") for label in variants}
     for _ in range(repeats):  # interleaved so both see the same machine state
         for label, rt in variants.items():
-            times[label] = min(times[label], timed(lambda: rt.predict(models[label], x), 1))
+            times[label] = min(times[label], timed(lambda rt=rt, label=label: rt.predict(models[label], x), 1))
     outputs = {label: variants[label].predict(models[label], x) for label in variants}
     diff = (outputs["float32"] - outputs["fast"]).abs().max().item()
     return dict(name=name, params=params, flops_per_pf=flops / pixel_frames, pixel_frames=pixel_frames,

@@ -129,8 +129,8 @@ def main() -> None:
         h = tuned(nlm, NLM_H, tuning)
         methods = {
             "noisy": lambda n: n.astype(np.float32),
-            f"gaussian {sig}": lambda n: gaussian(n, sig),
-            f"nl-means h={h}sigma": lambda n: nlm(n, h),
+            f"gaussian {sig}": lambda n, sig=sig: gaussian(n, sig),
+            f"nl-means h={h}sigma": lambda n, h=h: nlm(n, h),
             **{name: (lambda n, m=m: napari_cnnt.denoise(n, m)) for name, m in models.items()},
         }
         results = {name: [] for name in methods}

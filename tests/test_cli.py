@@ -206,7 +206,8 @@ def test_simulate_writes_reproducible_training_pairs(tmp_path, capsys):
     pairs = hdf5.read_training_pairs(first)
     assert [name for name, _, _ in pairs] == ["sample_000", "sample_001", "sample_002"]
     for i, (_, noisy, clean) in enumerate(pairs):
-        expected_noisy, expected_clean, _ = random_recording((4, 32, 24), seed=7 + i, structures=("puncta", "membranes"))
+        expected_noisy, expected_clean, _ = random_recording((4, 32, 24), seed=7 + i,
+                                                             structures=("puncta", "membranes"))
         np.testing.assert_array_equal(noisy[()], expected_noisy)
         np.testing.assert_array_equal(clean[()], expected_clean)
     for (_, n1, c1), (_, n2, c2) in zip(pairs, hdf5.read_training_pairs(again)):

@@ -131,7 +131,7 @@ def test_weighted_forms(pair):
     for fn in (losses.ssim_loss, losses.ssim3d_loss):
         assert fn(to, tt, torch.full((B,), 2.0)).item() == pytest.approx(fn(to, tt).item(), rel=1e-5)
     # the reference divides the weighted sum of squares by the sum of the weights
-    d2_sobel = ((losses.sobel_magnitude(to.reshape(-1, 1, H, W)) - losses.sobel_magnitude(tt.reshape(-1, 1, H, W))) ** 2)
+    d2_sobel = (losses.sobel_magnitude(to.reshape(-1, 1, H, W)) - losses.sobel_magnitude(tt.reshape(-1, 1, H, W))) ** 2
     per_frame = d2_sobel.reshape(B, T, -1).sum(-1).numpy()
     expected = np.sqrt((w_frame.numpy() * per_frame).sum() / w_frame.numpy().sum()) / (B * T) / _s()
     assert losses.sobel_loss(to, tt, w_frame).item() == pytest.approx(expected, rel=1e-5)

@@ -91,7 +91,7 @@ def test_attention_is_layout_independent_with_gradients():
         results.append((y.detach(), xi.grad, attn.query.conv2d.weight.grad.clone()))
     with torch.no_grad():
         expected = _reference_attention(attn, x)
-    for y, x_grad, w_grad in results:
+    for y, _, _ in results:
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-5, atol=1e-5)
@@ -267,7 +267,7 @@ def test_instance_norm_is_layout_independent_with_gradients():
         y.backward(upstream)
         results.append((y.detach(), xi.grad))
     expected = F.instance_norm(x, eps=1e-5)
-    for y, grad in results:
+    for y, _ in results:
         torch.testing.assert_close(y, expected)
     torch.testing.assert_close(results[0][1], results[1][1])
 

@@ -309,5 +309,5 @@ def random_recording(
     return noisy, clean, settings
 
 
-__all__ = ["BACKBONE_STRUCTURES", "STRUCTURES", "SAMPLE_SHAPE", "simulate", "sample_recording", "random_conditions", "random_recording",
-           "nucleus", "filaments", "puncta", "membranes", "mitochondria"]
+__all__ = ["BACKBONE_STRUCTURES", "STRUCTURES", "SAMPLE_SHAPE", "simulate", "sample_recording", "random_conditions",
+           "random_recording", "nucleus", "filaments", "puncta", "membranes", "mitochondria"]

@@ -563,8 +563,9 @@ def load_package(path: str | Path) -> CNNTDenoiser:
         data = spec.get_reader(weights).read()  # checks the SHA-256 the description records
     except (OSError, ValueError) as e:
         damaged = "sha256" in str(e).lower()
-        raise CheckpointError(f"{path}: " + ("the weights file does not match its SHA-256 in the description "
-                                            "(damaged)" if damaged else f"cannot read the weights file ({e})")) from None
+        problem = ("the weights file does not match its SHA-256 in the description (damaged)" if damaged
+                   else f"cannot read the weights file ({e})")
+        raise CheckpointError(f"{path}: {problem}") from None
     if weights.sha256 is not None and hashlib.sha256(data).hexdigest() != str(weights.sha256):
         raise CheckpointError(f"{path}: the weights file does not match its SHA-256 in the description (damaged)")
     try:
