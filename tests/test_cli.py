@@ -132,7 +132,7 @@ def no_time_axis(path):
     (lambda p: two_datasets(p / "two.h5"), [], "choose one with --dataset"),
     (lambda p: two_datasets(p / "two.h5"), ["--dataset", "c"], "no dataset 'c'"),
     (lambda p: two_datasets(p / "two.h5"), ["--dataset", "a", "-o", "x.png"], "unknown output format '.png'"),
-    (lambda p: two_datasets(p / "two.h5"), ["--dataset", "a", "--tile", "4", "15", "16"], "multiples of 2"),
+    (lambda p: two_datasets(p / "two.h5"), ["--dataset", "a", "--tile", "4", "15", "16"], "not a multiple of 2"),
     (lambda p: two_datasets(p / "two.h5"), ["--dataset", "a", "--model", "nowhere.pt"], "no such model file"),
     (lambda p: nan_stack(p / "nan.tif"), [], "NaN or infinite"),
     (lambda p: no_time_axis(p / "z.h5"), [], "--time-axis"),

@@ -392,7 +392,7 @@ def test_automatic_tile_and_batch_follow_the_device_memory(monkeypatch):
 
 # ----------------------------------------------------------------------------- bad arguments
 @pytest.mark.parametrize("kwargs,match", [
-    ({"tile": (4, 15, 16)}, "multiples of 2"),
+    ({"tile": (4, 15, 16)}, "not a multiple of 2"),
     ({"tile": (4, 16, 16), "overlap": (1, 16, 4)}, "overlap"),
     ({"layout": "fancy"}, "layout"),
     ({"batch_size": 0}, "batch_size"),

@@ -175,7 +175,7 @@ def test_rejects_bad_input(tiny_config):
     model = CNNTDenoiser(tiny_config).eval()
     with pytest.raises(ValueError, match=r"\[B, T, 1, H, W\]"):
         model(torch.rand(4, 1, 16, 16))
-    with pytest.raises(ValueError, match="multiples of 2"):
+    with pytest.raises(ValueError, match="not a multiple of 2"):
         model(torch.rand(1, 2, 1, 15, 16))
 
 

@@ -466,15 +466,9 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _check_tile(tile: tuple[int, int, int], overlap: tuple[int, int, int], config: Any) -> None:
-    m = config.size_multiple
     if min(tile) < 1:
         raise ValueError(f"tile sizes must be positive, got {list(tile)}")
-    if tile[1] % m or tile[2] % m:
-        raise ValueError(f"tile height and width must be multiples of {m} for this model, got {list(tile)}")
-    if config.norm_mode == "layer" and tile[1:] != (config.height, config.width):
-        raise ValueError(
-            f"this model uses layer norm and only takes {config.height} x {config.width} tiles, got {list(tile)}"
-        )
+    config.check_frame_size(tile[1], tile[2], "tiles")
     if not all(0 <= o < c for c, o in zip(tile, overlap)):
         raise ValueError(
             f"overlap must be at least 0 and smaller than the tile, got {list(overlap)} for tile {list(tile)}"

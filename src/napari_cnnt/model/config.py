@@ -62,6 +62,22 @@ class CNNTConfig:
         """H and W of every input must be a multiple of this."""
         return 2 ** (self.levels - 1)
 
+    def check_frame_size(self, height: int, width: int, what: str = "frames") -> None:
+        """Refuse frames the network cannot take: the one home of this rule for inputs, tiles and patches.
+
+        Each level halves H and W, so both must be multiples of :attr:`size_multiple`;
+        layer norm fixes them when the network is built (``docs/cnnt.md`` sections 2 and 4).
+        """
+        if height < 1 or width < 1:
+            raise ValueError(f"{what} {height} x {width}: height and width must be positive")
+        m = self.size_multiple
+        if height % m or width % m:
+            raise ValueError(f"{what} {height} x {width} is not a multiple of {m}, which this model's "
+                             f"{self.levels} levels need")
+        if self.norm_mode == "layer" and (height, width) != (self.height, self.width):
+            raise ValueError(f"this model uses layer norm and only takes {self.height} x {self.width} {what}, got "
+                             f"{height} x {width}; other sizes need norm_mode batch, instance or mixed")
+
     def norm_modes(self) -> list[str]:
         """The norm of each block set, in the order down..., up..., final."""
         n_sets = 2 * self.levels - 1

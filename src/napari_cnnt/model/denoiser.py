@@ -46,17 +46,7 @@ class CNNTDenoiser(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 5 or x.shape[2] != 1:
             raise ValueError(f"CNNT expects a [B, T, 1, H, W] tensor, got shape {list(x.shape)}")
-        m = self.config.size_multiple
-        H, W = x.shape[-2:]
-        if H % m or W % m or H == 0 or W == 0:
-            raise ValueError(
-                f"height and width must be positive multiples of {m} for this model, got {H} x {W}"
-            )
-        if self.config.norm_mode == "layer" and (H, W) != (self.config.height, self.config.width):
-            raise ValueError(
-                f"this model uses layer norm and only takes {self.config.height} x "
-                f"{self.config.width} frames, got {H} x {W}"
-            )
+        self.config.check_frame_size(*x.shape[-2:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

@@ -160,19 +160,9 @@ class TrainSettings:
 
     def check_model(self, config: CNNTConfig) -> None:
         """Patch sizes the model cannot take are refused before any work is done."""
-        m = config.size_multiple
         sizes = self.patch_sizes + ((self.val_patch_size,) if self.val_patch_size else ())
         for h, w in sizes:
-            if h % m or w % m:
-                raise ValueError(
-                    f"patch size {h} x {w} is not a multiple of {m}, which this model's "
-                    f"{config.levels} levels need"
-                )
-            if config.norm_mode == "layer" and (h, w) != (config.height, config.width):
-                raise ValueError(
-                    f"this model uses layer norm and only takes {config.height} x {config.width} "
-                    f"patches, got {h} x {w}; multi-patch training needs norm_mode batch, instance or mixed"
-                )
+            config.check_frame_size(h, w, "patch size" if (h, w) in self.patch_sizes else "validation patch size")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
