@@ -43,6 +43,14 @@ class Normalization:
         return cls("none", 0.0, 1.0)
 
     @classmethod
+    def reference(cls, per_scaling: bool = False, im_value_scale: Any = None) -> Normalization:
+        """The reference's scaling, from its two run settings (``docs/cnnt.md`` section 7)."""
+        if per_scaling:
+            return cls("percentile", 1.5, 99.5)
+        low, high = im_value_scale or (0.0, 65536.0)
+        return cls("fixed", low, high)
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Normalization:
         return cls(str(d["mode"]), d.get("low", 0.0), d.get("high", 1.0))
 

@@ -211,10 +211,7 @@ def _config_from_mapping(run: Mapping[str, Any]) -> CNNTConfig:
 
 
 def _reference_normalization(run: Mapping[str, Any]) -> Normalization:
-    if run.get("per_scaling"):
-        return Normalization("percentile", 1.5, 99.5)
-    scale = run.get("im_value_scale") or [0, 65536]
-    return Normalization("fixed", scale[0], scale[1])
+    return Normalization.reference(bool(run.get("per_scaling")), run.get("im_value_scale"))
 
 
 def _unwrap_state_dict(path: Path, obj: Any) -> dict[str, torch.Tensor]:

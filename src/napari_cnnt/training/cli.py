@@ -244,10 +244,7 @@ def _model(args: argparse.Namespace, command: str) -> tuple[Any, str | None]:
     height = args.height[0] if args.height else recipe.patch_sizes[0][0]
     width = args.width[0] if args.width else recipe.patch_sizes[0][1]
     config = preset(args.preset).replace(**fields, time=args.time or recipe.time, height=height, width=width)
-    if args.per_scaling:
-        normalization = Normalization("percentile", 1.5, 99.5)
-    else:
-        normalization = Normalization("fixed", *(args.im_value_scale or (0, 65536)))
+    normalization = Normalization.reference(bool(args.per_scaling), args.im_value_scale)
     return new_model(config, normalization, args.seed or 0), None
 
 
