@@ -197,6 +197,12 @@ FEW_SAMPLES = 3
 MIN_PART = {"width": 16, "height": 16, "frames": 4}
 
 
+def held_out_count(n: int) -> int:
+    """How many of ``n`` samples validate when none are given: 0 (a part of each, see
+    :func:`split_regions`) for up to :data:`FEW_SAMPLES`, else the last fifth."""
+    return max(1, round(n / 5)) if n > FEW_SAMPLES else 0
+
+
 def hold_out_part(sample: Sample) -> tuple[Sample, Sample] | None:
     """``sample`` cut in two along its widest axis: ``(train part, validation part)``.
 
@@ -256,7 +262,7 @@ def split_samples(
     elif isinstance(val, str):
         raise ValueError(f"validation data must be pairs, a file, [] or 'regions', got {val!r}")
     elif val is None:
-        n_val = max(1, round(len(train) / 5))
+        n_val = held_out_count(len(train))
         train, val = train[:-n_val], train[-n_val:]
         notes.append(f"no validation data given: the last {n_val} of the training samples validate")
     elif not val:

@@ -266,9 +266,9 @@ def _check_val(n_val: int, n: int) -> int:
 
 def default_held_out(n: int) -> int:
     """As ``finetune`` does: with up to three samples a part of each validates (0), with more a fifth."""
-    from ...training.data import FEW_SAMPLES
+    from ...training.data import held_out_count
 
-    return max(1, round(n / 5)) if n > FEW_SAMPLES else 0
+    return held_out_count(n)
 
 
 @dataclass
