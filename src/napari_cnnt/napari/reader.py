@@ -13,13 +13,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..io import Image, ImageFileError, hdf5, tiff
+from . import LayerData
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
 TIFF_SUFFIXES = (".tif", ".tiff")
 # A channel axis longer than this stays a slider instead of becoming one layer per channel.
 MAX_CHANNEL_LAYERS = 8
 
-LayerData = tuple[Any, dict, str]
 PathLike = str | os.PathLike
 
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..io import Image, ImageFileError, default_axes, hdf5, normalize_unit, tiff
+from . import LayerData
 
-LayerData = tuple[Any, dict, str]
 
 
 class LayerWriteError(RuntimeError):
