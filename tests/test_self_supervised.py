@@ -148,3 +148,36 @@ def test_self_supervised_run_resumes_like_an_uninterrupted_one(model, tmp_path):
     napari_cnnt.finetune(model, data, checkpoint=ckpt, **{**kw, "epochs": 2})
     _, resumed = napari_cnnt.finetune(model, data, checkpoint=ckpt, **kw)
     assert resumed["val_masked_loss"] == pytest.approx(whole["val_masked_loss"], rel=1e-5)
+
+
+def test_command_line_finetunes_on_noisy_files_alone(tiny_config, tmp_path, monkeypatch):
+    """``napari-cnnt finetune --noisy`` reads TIFF and HDF5 stacks without truth, trains
+    self-supervised, logs the masked-pixel loss and writes a model that says how it was trained."""
+    import csv
+
+    import h5py
+    import tifffile
+
+    from napari_cnnt import load_model
+    from napari_cnnt.cli import main
+    from napari_cnnt.model.checkpoint import save_model
+
+    monkeypatch.chdir(tmp_path)
+    tifffile.imwrite("a.tif", stack(1)[0])
+    with h5py.File("b.h5", "w") as f:
+        f["recording"] = stack(2)[0]
+    base = CNNTDenoiser(tiny_config)
+    base.normalization = NORM
+    save_model(base, "base.safetensors")
+    rc = main(["finetune", "--noisy", "a.tif", "b.h5:recording", "--load_path", "base.safetensors",
+               "--num_epochs", "2", "--steps_per_epoch", "2", "--batch_size", "2", "--time", "4", "--height", "16",
+               "--width", "16", "--no-fast", "--run_name", "ss", "--blind_spot", "0.03"])
+    assert rc == 0
+    model = load_model("logs/model/ss.safetensors")
+    training = model.metadata["training"]
+    assert training["recipe"] == "self-supervised" and training["blind_spot"] == 0.03
+    assert len(model.metadata["training_data"]["train"]) == 2
+    with open("logs/results/ss_metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(math.isfinite(float(r["val_masked_loss"])) for r in rows)
+    assert "masked-pixel loss" in open("logs/logs/ss.log").read()
