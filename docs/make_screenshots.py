@@ -1,19 +1,23 @@
 """The README's pictures, made with the bundled model on the synthetic sample.
 
-    xvfb-run -a python docs/make_screenshots.py
+    xvfb-run -a python docs/make_screenshots.py [NAME ...]
 
-writes, in ``docs/images``:
+writes, in ``docs/images`` (all of them, or those NAMEd without ``.png``):
 
 - ``sample_comparison.png``: noisy, denoised and true crops of one frame of
   the sample side by side, with their PSNR (docs/metrics.md);
 - ``denoise_widget.png``: napari as ``napari-cnnt gui`` opens it, after the
   Denoise widget has run the bundled model on the sample;
 - ``finetune_widget.png``: the Fine-tune widget adapting the bundled model
-  to the sample pair, its chart filling up.
+  to the sample pair, its chart filling up;
+- ``finetune_selfsupervised.png``: the Fine-tune widget adapting the bundled
+  model to the noisy sample alone (Clean "none"), its chart showing the
+  validation masked-pixel loss.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -65,9 +69,43 @@ def comparison(noisy: np.ndarray, denoised: np.ndarray, clean: np.ndarray, targe
     canvas.save(target)
 
 
+def self_supervised() -> None:
+    """The Fine-tune widget training on the noisy layer alone, its chart half full."""
+    from napari_cnnt.napari.widgets.finetune import NO_CLEAN
+
+    viewer = open_viewer()
+    viewer.window.resize(1700, 1000)
+    noisy = viewer.layers["synthetic noisy"]
+    viewer.layers.remove("synthetic clean")  # nothing clean to learn from
+    denoise_dock, _ = viewer.window.add_plugin_dock_widget("napari-cnnt", "Denoise")
+    tune_dock, tuner = viewer.window.add_plugin_dock_widget("napari-cnnt", "Fine-tune")
+    denoise_dock.hide()
+    noisy.contrast_limits = tuple(np.percentile(noisy.data[FRAME], [0.5, 99.8]))
+    viewer.dims.set_point(0, FRAME)
+    tuner.noisy.value = noisy
+    tuner.clean.value = NO_CLEAN
+    tuner.steps.value = 4  # a shorter run than the recipe's, for the picture
+    settle()
+    tuner.start()
+    wait_until(lambda: len(tuner.records) >= 6)
+    settle(1.0)
+    viewer.screenshot(IMAGES / "finetune_selfsupervised.png", canvas_only=False, flash=False)
+    tuner.stop()
+    wait_until(lambda: not tuner.busy)
+    viewer.close()
+
+
 def main() -> None:
     IMAGES.mkdir(exist_ok=True)
     get_settings().application.gui_notification_level = "error"  # no pop-ups over the pictures
+    wanted = set(sys.argv[1:])
+    if "finetune_selfsupervised" in wanted or not wanted:
+        self_supervised()
+    if wanted - {"finetune_selfsupervised"} or not wanted:
+        pictures()
+
+
+def pictures() -> None:
     viewer = open_viewer()  # what `napari-cnnt gui` opens: the sample pair, Denoise and Fine-tune docked
     viewer.window.resize(1700, 1000)
     noisy, clean = viewer.layers["synthetic noisy"], viewer.layers["synthetic clean"]

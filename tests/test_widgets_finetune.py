@@ -16,7 +16,7 @@ from napari_cnnt import load_model
 from napari_cnnt.io.hdf5 import write_training_pairs
 from napari_cnnt.napari.widgets import MODELS, add_model, finetune as finetune_widget
 from napari_cnnt.napari.widgets.finetune import (
-    FILE, UserError, parse_learning_rate, parse_losses, parse_patch_sizes,
+    FILE, NO_CLEAN, UserError, parse_learning_rate, parse_losses, parse_patch_sizes,
 )
 from napari_cnnt.runtime import Runtime
 
@@ -276,7 +276,7 @@ def test_closing_the_widget_or_the_viewer_stops_training(make_napari_viewer, qtb
 
 def test_the_widget_and_the_command_line_start_from_the_same_recipe(make_napari_viewer, qtbot, tiny_model, notes):
     from napari_cnnt.cli import build_parser
-    from napari_cnnt.training.cli import _options
+    from napari_cnnt.training.cli import _options, _recipe
     from napari_cnnt.training.recipes import FEW_SAMPLE, REFERENCE
 
     viewer = make_napari_viewer()
@@ -289,7 +289,7 @@ def test_the_widget_and_the_command_line_start_from_the_same_recipe(make_napari_
     assert (widget.patch_sizes.value, widget.time.value, widget.batch_size.value) == ("auto", 0, 0)
     assert widget.settings() == {}  # nothing differs from the recipe: finetune() gets its defaults
     args = build_parser().parse_args(["finetune", "--h5files", "x.h5"])
-    assert args.recipe == "few-sample" and _options(args, new_model=False) == {"lsuv": False}
+    assert _recipe(args).name == "few-sample" and _options(args, new_model=False) == {"lsuv": False}
 
     widget.recipe.value = "reference"
     assert (widget.epochs.value, widget.steps.value, widget.patch_sizes.value) == (30, 0, "128, 160")
@@ -316,6 +316,40 @@ def test_the_widget_and_the_command_line_start_from_the_same_recipe(make_napari_
     widget.patch_sizes.value = "1000"
     qtbot.waitUntil(lambda: "larger than every training sample" in widget.estimate.value, timeout=30_000)
     assert widget.estimate.value.endswith("lower 'Patch sizes' to at most 40 x 24.")
+
+
+def test_a_noisy_layer_alone_trains_self_supervised(make_napari_viewer, qtbot, tiny_model, notes):
+    """Clean "none": the self-supervised recipe's defaults, a run validated by the masked-pixel loss
+    (plotted, as there is no PSNR), and a model that records how it was trained."""
+    from napari_cnnt.training.recipes import SELF_SUPERVISED
+
+    viewer = make_napari_viewer()
+    noisy, clean = _pair(viewer, (4, 32, 32))
+    widget = dock(viewer, "Fine-tune")
+    assert widget.clean.value is clean and widget.recipe.value == "few-sample"
+    assert NO_CLEAN in widget.clean.choices
+    widget.clean.value = NO_CLEAN
+    r = SELF_SUPERVISED.settings
+    assert widget.recipe.value == "self-supervised"
+    assert (widget.epochs.value, widget.steps.value, widget.lr.value) == (r.epochs, r.steps_per_epoch, f"{r.lr:g}")
+    assert widget.settings() == {}
+    assert "validates" in widget.split.value
+    _quick(widget, add_model(tiny_model, "tiny"), patch="16")
+    click(qtbot, widget.start_button)
+    wait_idle(qtbot, widget)
+    assert not errors(notes)
+    history = widget.result.history
+    model = widget.result.entry.model
+    assert history.metric == "val_masked_loss" and len(history) == 2
+    assert model.metadata["training"]["recipe"] == "self-supervised"
+    assert widget.result.provenance["training_source"] == "layer 'cells noisy' (noisy, no clean image)"
+    assert "masked-pixel loss" in widget.progress.status.value
+    assert [key for key, *_ in widget.plot.series] == ["train_loss", "val_masked_loss"]
+    lo, hi = widget.plot.ranges()[True]
+    assert lo <= min(history["val_masked_loss"]) <= max(history["val_masked_loss"]) <= hi
+    # A clean layer again: back to the recipe for pairs.
+    widget.clean.value = clean
+    assert widget.recipe.value == "few-sample"
 
 
 def test_parsing_the_text_fields():

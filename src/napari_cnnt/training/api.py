@@ -18,7 +18,7 @@ from ..runtime import Runtime
 from .data import Sample, Split, samples_from_h5, samples_from_pairs, split_samples
 from .history import History, Progress
 from .plan import Plan, fit_to_time, plan_run
-from .recipes import DEFAULT_FINETUNE, DEFAULT_TRAIN, Recipe, get_recipe
+from .recipes import DEFAULT_TRAIN, FEW_SAMPLE, Recipe, get_recipe, recipe_for
 from .trainer import Trainer, TrainSettings, metrics
 
 
@@ -27,7 +27,7 @@ def _is_path(x: Any) -> bool:
 
 
 def load_samples(data: Any, normalization: Normalization, prefix: str) -> list[Sample]:
-    """Samples from pairs of arrays, or from the path(s) of CNNT HDF5 files."""
+    """Samples from pairs of arrays or noisy arrays alone, or from the path(s) of CNNT HDF5 files."""
     if _is_path(data):
         return samples_from_h5(data, normalization)
     if isinstance(data, (list, tuple)) and data and all(_is_path(d) for d in data):
@@ -58,21 +58,23 @@ def prepare_run(
     model: CNNTDenoiser,
     data: Any,
     val_data: Any,
-    recipe: str | Recipe,
+    recipe: str | Recipe | None,
     options: dict[str, Any],
     runtime: Runtime,
     checkpoint: str | os.PathLike | None = None,
 ) -> tuple[list[Sample], list[Sample], Split, Plan]:
     """Samples, the split and the plan of a run (one step timed), before any training: what the
-    widget estimates from. A run resumed from ``checkpoint`` keeps the epochs it was planned with."""
-    recipe = get_recipe(recipe)
-    recipe.with_options(**options)  # unknown or absurd options are refused before the data are read
+    widget estimates from. A run resumed from ``checkpoint`` keeps the epochs it was planned with.
+    ``recipe=None`` chooses by the data (:func:`~napari_cnnt.training.recipes.recipe_for`); the
+    plan's ``recipe`` names the one used."""
+    (FEW_SAMPLE if recipe is None else get_recipe(recipe)).with_options(**options)  # refused before reading
     norm = model.normalization
     samples = load_samples(data, norm, "pair")
     if val_data is None or isinstance(val_data, str) or (isinstance(val_data, (list, tuple)) and not val_data):
         val = val_data if val_data is None or isinstance(val_data, str) else []
     else:
         val = load_samples(val_data, norm, "val pair")
+    recipe = recipe_for(recipe, all(s.has_truth for s in samples + (val if isinstance(val, list) else [])))
     train, val, split = split_samples(samples, val)
     parameters = sum(p.numel() for p in model.parameters())
     if recipe.minutes and checkpoint is not None and os.path.exists(checkpoint) and "epochs" not in options:
@@ -80,6 +82,7 @@ def prepare_run(
     plan = plan_run(recipe, options, model.config, train, val, runtime, parameters)
     val_patches = len(val) * plan.settings.val_patches_per_sample * (1 if plan.settings.val_patch_size else 2)
     plan = fit_to_time(recipe, options, plan, model, runtime, val_patches)
+    plan.recipe = recipe.name
     return train, val, split, plan
 
 
@@ -107,7 +110,7 @@ def _run(
                       **engine)
     trained, history = trainer.run()
     history.notes = plan.notes + [n for n in history.notes if n not in plan.notes]
-    trained.metadata = {**model.metadata, **provenance(history, base, plan.settings, get_recipe(recipe).name)}
+    trained.metadata = {**model.metadata, **provenance(history, base, plan.settings, plan.recipe)}
     return trained, history
 
 
@@ -123,7 +126,7 @@ def new_model(config: CNNTConfig, normalization: Normalization, seed: int) -> CN
 def finetune(
     model: CNNTDenoiser,
     pairs: Any,
-    recipe: str | Recipe = DEFAULT_FINETUNE,
+    recipe: str | Recipe | None = None,
     *,
     val_pairs: Any = None,
     device: str | torch.device | Runtime | None = None,
@@ -133,7 +136,8 @@ def finetune(
     checkpoint: str | os.PathLike | None = None,
     **options: Any,
 ) -> tuple[CNNTDenoiser, History]:
-    """Adapt a trained model to new data from a few pairs; returns ``(model, history)``.
+    """Adapt a trained model to new data from a few pairs, or from noisy stacks alone;
+    returns ``(model, history)``.
 
     ``model`` is left unchanged; the returned copy has the weights that
     validated best (the starting ones among the candidates: see
@@ -145,11 +149,17 @@ def finetune(
     pairs
         ``(noisy, clean)`` arrays, each ``[T, H, W]`` (or ``[H, W]``), or
         ``(noisy, clean, rois)`` with ``(top, left, bottom, right)`` boxes;
-        or the path(s) of CNNT HDF5 files.
+        or the path(s) of CNNT HDF5 files. A noisy stack without a clean
+        image, as a bare array or ``(noisy, None)``, trains self-supervised
+        (the blind-spot objective of :mod:`~napari_cnnt.training.blindspot`);
+        pairs and noisy stacks can be mixed.
     recipe
-        ``"few-sample"`` (the default: a budget of steps fitted to the data
-        and the machine), ``"reference"`` (the CNNT paper's fine-tuning
-        recipe) or a :class:`~napari_cnnt.training.recipes.Recipe`; see
+        ``"few-sample"`` (the default when every sample has a clean image: a
+        budget of steps fitted to the data and the machine),
+        ``"self-supervised"`` (the default when some have none: validated by
+        the masked-pixel loss, ``history.metric == "val_masked_loss"``),
+        ``"reference"`` (the CNNT paper's fine-tuning recipe) or a
+        :class:`~napari_cnnt.training.recipes.Recipe`; see
         :data:`~napari_cnnt.training.recipes.RECIPES`.
     val_pairs
         Validation data, like ``pairs``. By default, with up to three pairs

@@ -4,8 +4,9 @@ Both accept the reference implementation's flag names, so its documented
 command lines run with ``napari-cnnt train`` in place of ``python3 main.py``.
 Defaults come from a named recipe (``napari_cnnt.training.recipes``):
 ``train`` has the reference's backbone recipe, ``finetune`` the few-sample
-recipe (``--recipe reference``: the reference's fine-tuning recipe), starting
-from the bundled model unless ``--load_path`` is given. Flags given on the
+recipe (``--recipe reference``: the reference's fine-tuning recipe; noisy
+stacks without clean images, ``--noisy``, default to the self-supervised
+recipe), starting from the bundled model unless ``--load_path`` is given. Flags given on the
 command line replace the recipe's values and are used as given.
 Experiment-tracker flags are accepted and ignored with a warning; instead
 there is a progress bar per epoch, a log line per epoch (also in
@@ -23,6 +24,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import logging
+import math
 import signal
 import sys
 import threading
@@ -39,7 +41,7 @@ MODEL_FLAGS = ("blocks", "blocks_per_set", "n_head", "kernel_size", "stride", "p
 
 # Each command's default recipe, and the recipes it offers.
 COMMAND_RECIPES = {"train": ("backbone", ("backbone", "reference", "few-sample")),
-                   "finetune": ("few-sample", ("few-sample", "reference"))}
+                   "finetune": ("few-sample", ("few-sample", "self-supervised", "reference"))}
 # Command-line flags that set a TrainSettings field directly: flag -> field.
 FLAG_SETTINGS = {
     "num_epochs": "epochs", "global_lr": "lr", "loss": "loss", "loss_weights": "loss_weights", "time": "time",
@@ -51,6 +53,7 @@ FLAG_SETTINGS = {
 # How a refused setting is called on the command line.
 SETTING_FLAGS = {v: f"--{k}" for k, v in FLAG_SETTINGS.items()} | {
     "patch_sizes": "--height/--width", "betas": "--beta1/--beta2", "val_patch_size": "--height/--width",
+    "blind_spot": "--blind_spot",
 }
 
 log = logging.getLogger("napari_cnnt.training")
@@ -64,10 +67,12 @@ def add_train(subparsers: Any) -> None:
 
 def add_finetune(subparsers: Any) -> None:
     _add(subparsers, "finetune", "fine-tune a trained model on a few samples of new data",
-         "Fine-tune a model (default: the bundled one) on CNNT HDF5 files. The default recipe, few-sample, "
-         "runs a budget of steps on random patches fitted to the data and the machine and keeps the "
-         "starting model unless validation PSNR improves; --recipe reference runs the reference's "
-         "fine-tuning recipe (learning rate 2.5e-5, ssim + 0.1 mse, 30 epochs).")
+         "Fine-tune a model (default: the bundled one) on CNNT HDF5 files of pairs, or on noisy stacks "
+         "alone (--noisy). The default recipe for pairs, few-sample, runs a budget of steps on random "
+         "patches fitted to the data and the machine and keeps the starting model unless validation PSNR "
+         "improves; noisy stacks without clean images train with the self-supervised recipe (a blind-spot "
+         "objective, validated by the masked-pixel loss on held-out regions); --recipe reference runs "
+         "the reference's fine-tuning recipe (learning rate 2.5e-5, ssim + 0.1 mse, 30 epochs).")
 
 
 def _add(subparsers: Any, command: str, help_text: str, description: str) -> None:
@@ -91,12 +96,22 @@ def _add(subparsers: Any, command: str, help_text: str, description: str) -> Non
 
     heights = [h for h, _ in r.patch_sizes]
     widths = [w for _, w in r.patch_sizes]
-    p.add_argument("--recipe", choices=offered, default=default_recipe,
-                   help=f"the settings every flag below defaults to (default: {default_recipe}); see "
-                        "docs/training.md")
+    finetuning = command == "finetune"
+    p.add_argument("--recipe", choices=offered, default=None if finetuning else default_recipe,
+                   help=f"the settings every flag below defaults to (default: {default_recipe}"
+                        + (", or self-supervised when --noisy stacks are given" if finetuning else "")
+                        + "); see docs/training.md")
     g = p.add_argument_group("data")
-    g.add_argument("--h5files", nargs="+", required=True, metavar="H5",
+    g.add_argument("--h5files", nargs="+", required=not finetuning, metavar="H5",
                    help="CNNT HDF5 training files (one group per sample with noisy_im and clean_im)")
+    if finetuning:
+        g.add_argument("--noisy", nargs="+", metavar="FILE[:DATASET]",
+                       help="noisy stacks without clean images, trained on self-supervised: TIFF files (every "
+                            "series) or HDF5 files (every image dataset, or the one named after a colon); the "
+                            "last quarter of each validates when there are up to three, else the last fifth")
+        g.add_argument("--blind_spot", type=float, metavar="FRACTION",
+                       help="fraction of the pixels of every frame hidden by the self-supervised objective "
+                            "(self-supervised recipe: 0.02)")
     g.add_argument("--test_case", nargs="+", metavar="H5",
                    help="HDF5 files whose samples are denoised whole after training to report test metrics "
                         "(default: the test part of the split)")
@@ -206,6 +221,8 @@ def _warn_ignored(args: argparse.Namespace) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    if args.h5files is None and not getattr(args, "noisy", None):
+        raise ValueError("give training data: --h5files with pairs, or --noisy with noisy stacks alone")
     if args.use_conv_3D:
         raise ValueError("--use_conv_3D is not supported: napari-cnnt's CNNT uses 2-D convolutions")
     if args.time_scale != 0:
@@ -237,9 +254,7 @@ def _model(args: argparse.Namespace, command: str) -> tuple[Any, str | None]:
             log.warning(f"warning: ignoring {', '.join(scaling)}: data are scaled with the loaded model's "
                         f"normalisation ({model.normalization})")
         return model, str(args.load_path or "bundled model")
-    from .recipes import RECIPES
-
-    recipe = RECIPES[args.recipe].settings
+    recipe = _recipe(args).settings
     fields = {n: getattr(args, n) for n in MODEL_FLAGS if getattr(args, n) is not None}
     height = args.height[0] if args.height else recipe.patch_sizes[0][0]
     width = args.width[0] if args.width else recipe.patch_sizes[0][1]
@@ -250,10 +265,10 @@ def _model(args: argparse.Namespace, command: str) -> tuple[Any, str | None]:
 
 def _options(args: argparse.Namespace, new_model: bool) -> dict[str, Any]:
     """The settings given on the command line, as ``TrainSettings`` fields (the recipe gives the rest)."""
-    from .recipes import RECIPES
-
-    recipe = RECIPES[args.recipe].settings
+    recipe = _recipe(args).settings
     options = {field: getattr(args, flag) for flag, field in FLAG_SETTINGS.items() if getattr(args, flag) is not None}
+    if getattr(args, "blind_spot", None) is not None:
+        options["blind_spot"] = args.blind_spot
     for name in ("loss", "loss_weights"):
         if name in options:
             options[name] = tuple(options[name])
@@ -272,6 +287,46 @@ def _options(args: argparse.Namespace, new_model: bool) -> dict[str, Any]:
     return options
 
 
+def _recipe(args: argparse.Namespace) -> Any:
+    """The recipe named, or by default the self-supervised one when noisy stacks alone are given."""
+    from .recipes import recipe_for
+
+    return recipe_for(args.recipe, not getattr(args, "noisy", None))
+
+
+def noisy_stacks(specs: list[str], normalization: Any) -> list:
+    """Samples without truth from ``FILE`` or ``FILE:DATASET`` specs: every series of a TIFF file,
+    every image dataset of an HDF5 file (or the one named), each ``[T, Y, X]`` or ``[Y, X]``."""
+    import numpy as np
+
+    from ..io import hdf5, tiff
+    from .data import make_samples
+
+    samples = []
+    for spec in specs:
+        path, _, key = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path}: no such file")
+        if tiff.is_tiff(path):
+            if key:
+                raise ValueError(f"{spec}: a dataset name only applies to HDF5 files")
+            images = tiff.read_tiff(path)
+        elif hdf5.is_hdf5(path):
+            keys = [key] if key else hdf5.list_image_datasets(path)
+            images = [hdf5.read_dataset(path, k) for k in keys]
+        else:
+            raise ValueError(f"{path}: neither a TIFF nor an HDF5 file")
+        for image in images:
+            if len(image.data.shape) not in (2, 3) or image.axes[-2:] != "YX":
+                raise ValueError(f"{path}: {image.name} has axes {image.axes}; noisy stacks must be [T, Y, X] or "
+                                 "[Y, X]")
+            samples += make_samples(f"{path.name}:{image.name}", np.asarray(image.data), None, normalization)
+    if not samples:
+        raise ValueError(f"no images in {', '.join(specs)}")
+    return samples
+
+
 def describe(s: Any) -> str:
     """A training run's shape in one line: epochs, steps, patches, learning rate."""
     sizes = ", ".join(f"{h} x {w}" for h, w in s.patch_sizes)
@@ -281,9 +336,16 @@ def describe(s: Any) -> str:
 
 
 def _data(args: argparse.Namespace, normalization: Any) -> tuple[list, list, list, Any]:
-    """Train, validation and test samples by the reference's rules, and the split to report."""
-    from .data import Split, h5_keys, samples_from_keys, split_h5_files
+    """Train, validation and test samples by the reference's rules, and the split to report; noisy
+    stacks alone (``--noisy``) are held out by fine-tuning's rule (``data.split_samples``)."""
+    from .data import Split, h5_keys, samples_from_keys, split_h5_files, split_samples
 
+    noisy = noisy_stacks(args.noisy, normalization) if getattr(args, "noisy", None) else []
+    if noisy:
+        noisy_train, noisy_val, noisy_split = split_samples(noisy, [] if args.train_only else None)
+    if not args.h5files:
+        split = Split(noisy_split.train, noisy_split.val, noisy_split.notes)
+        return noisy_train, noisy_val, [], split
     parts, notes = split_h5_files(args.h5files, args.ratio, args.fine_samples, args.seed or 0)
     if args.val_case:
         parts["val"] = [(Path(f), k) for f in args.val_case for k in h5_keys(f)]
@@ -299,6 +361,8 @@ def _data(args: argparse.Namespace, normalization: Any) -> tuple[list, list, lis
                          "no test metrics: every test sample also trains (give held-out files with --test_case)"]
     train = samples_from_keys(parts["train"], normalization)
     val = samples_from_keys(parts["val"], normalization)
+    if noisy:
+        train, val, notes = train + noisy_train, val + noisy_val, notes + noisy_split.notes
     split = Split([s.name for s in train], [s.name for s in val], notes)
     return train, val, parts["test"], split
 
@@ -346,9 +410,13 @@ class _Reporter:
 
         r = p.record
         left = f", about {minutes_text(p.remaining)} left" if p.remaining and p.epoch < p.epochs else ""
-        log.info(f"epoch {p.epoch}/{p.epochs}: train loss {r['train_loss']:.4f}, val loss {r['val_loss']:.4f}, "
-                 f"val PSNR {r['val_psnr']:.2f} dB, val SSIM {r['val_ssim']:.4f}, lr {r['lr']:.2e}, "
-                 f"{r['seconds']:.1f} s{left}")
+        val = []
+        if not math.isnan(r["val_loss"]):
+            val.append(f"val loss {r['val_loss']:.4f}, val PSNR {r['val_psnr']:.2f} dB, val SSIM {r['val_ssim']:.4f}")
+        if not math.isnan(r.get("val_masked_loss", math.nan)):
+            val.append(f"val masked-pixel loss {r['val_masked_loss']:.5f}")
+        log.info(f"epoch {p.epoch}/{p.epochs}: train loss {r['train_loss']:.4f}, {', '.join(val or ['no validation'])}, "
+                 f"lr {r['lr']:.2e}, {r['seconds']:.1f} s{left}")
         p.history.to_csv(self.metrics_path)
 
     def close(self) -> None:
@@ -395,13 +463,12 @@ def _train(args: argparse.Namespace, command: str, run_name: str, ranks: Any, de
     from .api import evaluate, provenance
     from .data import samples_from_keys
     from .plan import SettingError, plan_run
-    from .recipes import RECIPES
     from .trainer import Trainer
 
     runtime = Runtime.create(device, args.fast)  # an impossible --device or --fast is refused before any data is read
     model, base = _model(args, command)
     options = _options(args, new_model=base is None)
-    recipe = RECIPES[args.recipe]
+    recipe = _recipe(args)
     recipe.with_options(**options)  # absurd values are refused before the data are read
     train, val, test_keys, split = _data(args, model.normalization)
     try:

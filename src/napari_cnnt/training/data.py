@@ -1,7 +1,9 @@
 """Training data: where pairs come from, and how patches are cut from them.
 
-A :class:`Sample` is one noisy/clean pair, normalised to [0, 1] and held in
-memory as float32 ``[T, H, W]``. Samples come from in-memory arrays
+A :class:`Sample` is one noisy/clean pair, or a noisy stack alone (for the
+self-supervised objective of :mod:`~napari_cnnt.training.blindspot`),
+normalised to [0, 1] and held in memory as float32 ``[T, H, W]``. Samples
+come from in-memory arrays
 (:func:`samples_from_pairs`) or from CNNT HDF5 files (:func:`samples_from_h5`,
 one group per sample holding ``noisy_im`` and ``clean_im``).
 
@@ -33,15 +35,28 @@ MAX_DRAWS = 10
 
 @dataclass(frozen=True)
 class Sample:
-    """One training pair: float32 ``[T, H, W]`` arrays on the model's [0, 1] scale."""
+    """One training pair: float32 ``[T, H, W]`` arrays on the model's [0, 1] scale.
+
+    ``clean`` is None for a noisy stack without truth, which trains with the
+    blind-spot objective and validates by its masked-pixel loss.
+    """
 
     name: str
     noisy: np.ndarray = field(repr=False)
-    clean: np.ndarray = field(repr=False)
+    clean: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.noisy.shape)
+
+    @property
+    def has_truth(self) -> bool:
+        return self.clean is not None
+
+    @property
+    def target(self) -> np.ndarray:
+        """What the network's output is compared with: the clean image, or the noisy one itself."""
+        return self.noisy if self.clean is None else self.clean
 
 
 # ----------------------------------------------------------------------------- sources
@@ -73,7 +88,8 @@ def make_samples(
     normalization: Normalization,
     rois: Sequence[tuple[int, int, int, int]] | None = None,
 ) -> list[Sample]:
-    """Check and normalise one pair: one sample, or one per ``(top, left, bottom, right)`` box in ``rois``.
+    """Check and normalise one pair (``clean`` None: a noisy stack alone): one sample, or one per
+    ``(top, left, bottom, right)`` box in ``rois``.
 
     Both images are scaled with the limits of the whole noisy stack, unclipped:
     exactly what denoising does to its input and undoes on its output, so a
@@ -83,19 +99,23 @@ def make_samples(
     which teaches a model to change intensities.) The inputs are never modified.
     """
     n = _as_stack(name, "noisy", noisy)
-    c = _as_stack(name, "clean", clean)
-    if n.shape != c.shape:
+    c = None if clean is None else _as_stack(name, "clean", clean)
+    if c is not None and n.shape != c.shape:
         raise ValueError(
             f"{name}: noisy and clean images must have the same shape, got {list(n.shape)} and {list(c.shape)}"
         )
     limits = normalization.limits(n)
+
+    def scaled(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else _normalise(a, limits)
+
     if rois is None:
-        return [Sample(name, _normalise(n, limits), _normalise(c, limits))]
+        return [Sample(name, scaled(n), scaled(c))]
     samples = []
     for j, roi in enumerate(rois):
         top, left, bottom, right = _check_roi(name, roi, n.shape[1:])
         box = (slice(None), slice(top, bottom), slice(left, right))
-        samples.append(Sample(f"{name} roi {j}", _normalise(n[box], limits), _normalise(c[box], limits)))
+        samples.append(Sample(f"{name} roi {j}", scaled(n[box]), scaled(None if c is None else c[box])))
     return samples
 
 
@@ -113,19 +133,24 @@ def _check_roi(name: str, roi: Any, hw: tuple[int, int]) -> tuple[int, int, int,
 
 
 def samples_from_pairs(pairs: Iterable[Any], normalization: Normalization, prefix: str = "pair") -> list[Sample]:
-    """Samples from ``(noisy, clean)`` or ``(noisy, clean, rois)`` tuples.
+    """Samples from ``(noisy, clean)`` or ``(noisy, clean, rois)`` tuples, or noisy stacks alone:
+    bare arrays or ``(noisy, None)``.
 
     ``rois`` is one ``(top, left, bottom, right)`` box or a list of them; each
     box becomes a sample of its own.
     """
     if isinstance(pairs, np.ndarray) or (isinstance(pairs, tuple) and len(pairs) in (2, 3)
                                          and all(isinstance(p, np.ndarray) for p in pairs[:2])):
-        raise ValueError("pairs must be a list of (noisy, clean) tuples, e.g. [(noisy, clean)]")
+        raise ValueError("pairs must be a list of (noisy, clean) tuples or noisy arrays, e.g. [(noisy, clean)] "
+                         "or [noisy]")
     samples = []
     for i, pair in enumerate(pairs):
         name = f"{prefix} {i}"
+        if isinstance(pair, np.ndarray) or hasattr(pair, "__array__"):
+            pair = (pair, None)
         if not isinstance(pair, (tuple, list)) or len(pair) not in (2, 3):
-            raise ValueError(f"{name}: expected (noisy, clean) or (noisy, clean, rois), got {type(pair).__name__}")
+            raise ValueError(f"{name}: expected (noisy, clean), (noisy, clean, rois) or a noisy array, "
+                             f"got {type(pair).__name__}")
         rois = pair[2] if len(pair) == 3 else None
         if rois is not None:
             rois = [rois] if len(rois) == 4 and all(np.isscalar(v) for v in rois) else list(rois)
@@ -220,9 +245,12 @@ def hold_out_part(sample: Sample) -> tuple[Sample, Sample] | None:
         tail = [slice(None)] * 3
         head[axis], tail[axis] = slice(0, cut), slice(cut, size)
         part = "columns" if name == "width" else "rows" if name == "height" else "frames"
+        def cut_out(window: list[slice]) -> tuple[np.ndarray, np.ndarray | None]:
+            return sample.noisy[tuple(window)], None if sample.clean is None else sample.clean[tuple(window)]
+
         return (
-            Sample(f"{sample.name} {part} 0-{cut - 1}", sample.noisy[tuple(head)], sample.clean[tuple(head)]),
-            Sample(f"{sample.name} {part} {cut}-{size - 1}", sample.noisy[tuple(tail)], sample.clean[tuple(tail)]),
+            Sample(f"{sample.name} {part} 0-{cut - 1}", *cut_out(head)),
+            Sample(f"{sample.name} {part} {cut}-{size - 1}", *cut_out(tail)),
         )
     return None
 
@@ -389,7 +417,8 @@ class PatchSampler:
         self.augment = tuple(a for a in AUGMENTATIONS if a in augment)
 
     def draw(self, index: int, rng: np.random.Generator, flip: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """One ``(noisy, clean)`` patch of sample ``index``, each ``[time, height, width]``."""
+        """One ``(noisy, target)`` patch of sample ``index``, each ``[time, height, width]``; the
+        target is the clean image, or the noisy one for a sample without truth (:attr:`Sample.target`)."""
         best, best_area = None, -1.0
         for _ in range(MAX_DRAWS):
             noisy, clean = self._cut(self.samples[index], rng, flip)
@@ -413,7 +442,7 @@ class PatchSampler:
     def _cut(self, s: Sample, rng: np.random.Generator, flip: bool) -> tuple[np.ndarray, np.ndarray]:
         """``flip=False`` (validation) leaves the patch as recorded."""
         t, h, w = self.shape
-        noisy, clean = _pad_end(s.noisy, 0, t), _pad_end(s.clean, 0, t)
+        noisy, clean = _pad_end(s.noisy, 0, t), _pad_end(s.target, 0, t)
         if flip and "flip" in self.augment:  # drawn first, so the reference's draws are unchanged
             flip_h, flip_w = rng.integers(0, 2) > 0, rng.integers(0, 2) > 0
             if flip_h:

@@ -12,8 +12,8 @@ from typing import Any
 
 from .data import Split
 
-COLUMNS = ("epoch", "train_loss", "val_loss", "val_psnr", "val_ssim", "lr", "seconds")
-METRIC_NAMES = {"val_loss": "loss", "val_psnr": "PSNR", "val_ssim": "SSIM"}
+COLUMNS = ("epoch", "train_loss", "val_loss", "val_psnr", "val_ssim", "val_masked_loss", "lr", "seconds")
+METRIC_NAMES = {"val_loss": "loss", "val_psnr": "PSNR", "val_ssim": "SSIM", "val_masked_loss": "masked-pixel loss"}
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,9 @@ class Progress:
 class History:
     """Per-epoch metrics of a run, and which weights were kept.
 
-    ``records`` has one dict per epoch with the keys in ``COLUMNS``;
+    ``records`` has one dict per epoch with the keys in ``COLUMNS`` (metrics
+    that need truth are NaN without it; ``val_masked_loss``, the blind-spot
+    loss at hidden pixels of the validation data, is NaN where not measured);
     ``history["val_psnr"]`` gives one column as a list. ``initial`` holds
     the validation metrics of the starting weights, ``best_epoch`` the epoch
     whose weights were kept (0: the starting weights were never beaten),
@@ -72,7 +74,7 @@ class History:
     def __getitem__(self, key: str) -> list[float]:
         if key not in COLUMNS:
             raise KeyError(f"no column {key!r} in the history; columns are {', '.join(COLUMNS)}")
-        return [r[key] for r in self.records]
+        return [r.get(key, math.nan) for r in self.records]
 
     @property
     def best(self) -> dict[str, float]:
@@ -109,7 +111,7 @@ class History:
         writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         for r in self.records:
-            writer.writerow({k: r[k] for k in COLUMNS})
+            writer.writerow({k: r.get(k, math.nan) for k in COLUMNS})
         text = buf.getvalue()
         if path is not None:
             from ..model.checkpoint import atomic_write

@@ -112,11 +112,13 @@ def _gb(n: int) -> str:
 
 @dataclass
 class Plan:
-    """The settings a run will use, what was chosen or changed (``notes``) and the estimate."""
+    """The settings a run will use, what was chosen or changed (``notes``), the estimate and the
+    name of the recipe they come from."""
 
     settings: TrainSettings
     estimate: Estimate
     notes: list[str] = field(default_factory=list)
+    recipe: str = ""
 
 
 # ----------------------------------------------------------------------------- memory

@@ -101,9 +101,42 @@ BACKBONE = Recipe(
     ),
 )
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (FEW_SAMPLE, REFERENCE, BACKBONE)}
+SELF_SUPERVISED = Recipe(
+    "self-supervised",
+    "Fine-tuning on noisy stacks alone, without clean images (the default when a sample has "
+    "none): the blind-spot objective hides 2 % of the pixels of every frame (one per 7 x 7 box), "
+    "each replaced by the median of its neighbours, and the loss is the squared error at those "
+    "pixels against their noisy values; the same pixels in the other frames stay visible. "
+    "A budget of 120 optimiser steps (12 rounds of 10, validated after each; fewer rounds, at "
+    "least 3, where they would take more than 8 minutes on this machine), 4 random patches a step, "
+    "flips, quarter turns and time reversal; AdamW at up to 4e-4 with a 10 % warm-up and a cosine "
+    "decay. Patches of up to 64 x 64 x 16 frames. Validation is the masked-pixel loss on held-out "
+    "regions (8 fixed patches a sample, the same pixels hidden every time); the starting weights "
+    "are validated too and kept unless it improves. Pairs given beside noisy stacks train with "
+    "ssim + mse.",
+    TrainSettings(
+        epochs=12, steps_per_epoch=10, lr=4e-4, scheduler="WarmupCosine", warmup=0.1,
+        loss=("ssim", "mse"), loss_weights=(1.0, 1.0), patch_sizes=((64, 64),), time=16, batch_size=4,
+        val_patches_per_sample=8, optimizer="adamw", betas=(0.9, 0.99), weight_decay=0.0,
+        clip_grad_norm=1.0, select="val_masked_loss", patience=6, augment=("flip", "rot90", "time_reverse"),
+        blind_spot=0.02,
+    ),
+    frozenset({"patch_sizes", "time", "batch_size", "val_patch_size"}),
+    minutes=8.0,
+    min_epochs=3,
+)
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (FEW_SAMPLE, SELF_SUPERVISED, REFERENCE, BACKBONE)}
 DEFAULT_FINETUNE = FEW_SAMPLE.name
 DEFAULT_TRAIN = BACKBONE.name
+
+
+def recipe_for(recipe: str | Recipe | None, has_truth: bool) -> Recipe:
+    """The recipe a fine-tuning run uses: the one named, or by default few-sample when every
+    sample has a clean image and self-supervised when some have none."""
+    if recipe is None:
+        return FEW_SAMPLE if has_truth else SELF_SUPERVISED
+    return get_recipe(recipe)
 
 
 def get_recipe(recipe: str | Recipe) -> Recipe:
@@ -116,4 +149,5 @@ def get_recipe(recipe: str | Recipe) -> Recipe:
         raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}") from None
 
 
-__all__ = ["AUTO_SETTINGS", "BACKBONE", "FEW_SAMPLE", "RECIPES", "REFERENCE", "Recipe", "get_recipe"]
+__all__ = ["AUTO_SETTINGS", "BACKBONE", "FEW_SAMPLE", "RECIPES", "REFERENCE", "SELF_SUPERVISED", "Recipe",
+           "get_recipe", "recipe_for"]

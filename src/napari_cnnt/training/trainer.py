@@ -10,7 +10,10 @@ with the best validation loss kept. On top of that it
 - can be stopped between any two steps and still returns the best weights;
 - saves a checkpoint atomically after every epoch and resumes from it;
 - runs data-parallel under ``torchrun``, each process taking a share of
-  every batch.
+  every batch;
+- trains on noisy stacks without truth with the blind-spot objective
+  (:mod:`~napari_cnnt.training.blindspot`), alone or mixed with pairs, and
+  validates them by the masked-pixel loss.
 
 Randomness is derived from ``(seed, epoch)``, so a resumed run draws the same
 patches as an uninterrupted one and a run's outcome does not depend on the
@@ -42,6 +45,7 @@ from ..model.denoiser import CNNTDenoiser
 from ..normalization import Normalization
 from ..runtime import Runtime
 from . import distributed
+from .blindspot import draw_mask, hide, masked_loss
 from .data import (
     AREA_THRES, AUGMENTATIONS, VALUE_THRES, PatchSampler, Sample, Split, budget_schedule, epoch_schedule,
     patch_sizes_of, steps_per_epoch,
@@ -53,7 +57,9 @@ SCHEDULERS = ("ReduceLROnPlateau", "StepLR", "OneCycleLR", "WarmupCosine", "none
 # Schedules that step every batch and are planned for the whole run.
 PER_STEP = ("OneCycleLR", "WarmupCosine")
 # What the kept weights can be selected by: validation metrics, and whether higher is better.
-SELECT = {"val_loss": False, "val_psnr": True, "val_ssim": True}
+SELECT = {"val_loss": False, "val_psnr": True, "val_ssim": True, "val_masked_loss": False}
+# Metrics that compare with a clean image, which noisy-only validation samples do not have.
+NEEDS_TRUTH = ("val_loss", "val_psnr", "val_ssim")
 OPTIMIZERS = ("adamw", "nadam", "sgd")
 CHECKPOINT_FORMAT = "napari-cnnt-training"
 CHECKPOINT_VERSION = 1
@@ -81,6 +87,10 @@ class TrainSettings:
     (the starting weights among them); ``patience > 0`` ends training after
     that many epochs without improvement. ``augment`` names the random
     changes made to training patches (:data:`~napari_cnnt.training.data.AUGMENTATIONS`).
+    ``blind_spot`` is the fraction of pixels hidden in every frame of a patch
+    of a sample without truth (:mod:`~napari_cnnt.training.blindspot`);
+    ``select="val_masked_loss"`` selects by the masked-pixel loss on the
+    validation samples, which needs no truth.
     """
 
     epochs: int = 30
@@ -108,6 +118,7 @@ class TrainSettings:
     select: str = "val_loss"
     augment: tuple[str, ...] = ("flip",)
     val_patch_size: tuple[int, int] | None = None
+    blind_spot: float = 0.02
 
     def __post_init__(self) -> None:
         def fix(name: str, value: Any) -> None:
@@ -152,6 +163,8 @@ class TrainSettings:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not (isinstance(self.blind_spot, (int, float)) and 0 < self.blind_spot <= 0.25):
+            raise ValueError(f"blind_spot must be a fraction of the pixels in (0, 0.25], got {self.blind_spot!r}")
         for name in ("value_thres", "area_thres"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -326,8 +339,14 @@ class Trainer:
                 f"batch_size={settings.batch_size} is smaller than the {self.ranks.world_size} processes "
                 "sharing each batch"
             )
+        if settings.select in NEEDS_TRUTH and val and not all(v.has_truth for v in val):
+            raise ValueError(
+                f"validation by {settings.select} needs a clean image for every validation sample; without "
+                "truth select val_masked_loss (the self-supervised recipe does)"
+            )
         self.base = model
         self.train_samples, self.val_samples = list(train), list(val)
+        self.truth = np.array([s.has_truth for s in self.train_samples])
         self.settings = settings
         self.split = split or Split([s.name for s in train], [s.name for s in val])
         self.runtime = Runtime.create(device, fast)
@@ -383,13 +402,13 @@ class Trainer:
         net = distributed.wrap(model, self.ranks, rt.device)
         optimizer = _optimizer(model, s)
         scheduler = _scheduler(optimizer, s, s.epochs * self.steps)
-        val_x, val_y, val_peaks = self._validation_patches()
+        val_parts = self._validation_patches()
         loss_fn = CombinedLoss(s.loss, s.loss_weights)
 
         if resumed is None:
             best_state = _cpu_state(model)
-            if val_x:
-                history.initial = self._validate(model, val_x, val_y, val_peaks, loss_fn)
+            if val_parts:
+                history.initial = self._validate(model, val_parts, loss_fn)
                 history.best_score = history.initial[s.select]
             self._save(model, best_state, optimizer, scheduler, history)
         else:
@@ -400,7 +419,7 @@ class Trainer:
 
         self._clock = [time.perf_counter(), 0]
         for epoch in range(len(history) + 1, s.epochs + 1):
-            if val_x and s.patience and len(history) - history.best_epoch >= s.patience:
+            if val_parts and s.patience and len(history) - history.best_epoch >= s.patience:
                 history.early = True  # also when a resumed run had already stopped improving
                 break
             t0 = time.perf_counter()
@@ -408,17 +427,18 @@ class Trainer:
             if stopped:
                 history.stopped = True
                 break
-            val = self._validate(model, val_x, val_y, val_peaks, loss_fn) if val_x else {
-                "val_loss": math.nan, "val_psnr": math.nan, "val_ssim": math.nan}
+            val = self._validate(model, val_parts, loss_fn) if val_parts else {
+                "val_loss": math.nan, "val_psnr": math.nan, "val_ssim": math.nan, "val_masked_loss": math.nan}
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(val["val_loss"] if val_x else train_loss)
+                plateau = val["val_loss"] if not math.isnan(val["val_loss"]) else val["val_masked_loss"]
+                scheduler.step(plateau if val_parts else train_loss)
             elif scheduler is not None and s.scheduler not in PER_STEP:
                 scheduler.step()
             record = {"epoch": epoch, "train_loss": train_loss, **val, "lr": lr,
                       "seconds": time.perf_counter() - t0}
             history.records.append(record)
-            if not val_x or s.improves(val[s.select], history.best_score):
-                history.best_epoch, history.best_score = epoch, (val[s.select] if val_x else train_loss)
+            if not val_parts or s.improves(val[s.select], history.best_score):
+                history.best_epoch, history.best_score = epoch, (val[s.select] if val_parts else train_loss)
                 best_state = _cpu_state(model)
             self._save(model, best_state, optimizer, scheduler, history)
             self._report(Progress("epoch", epoch, s.epochs, self.steps, self.steps, train_loss, lr, record, history,
@@ -445,12 +465,15 @@ class Trainer:
             if self._should_stop():
                 return math.nan, lr, True
             noisy, clean = self.samplers[size].batch(indices, rng)
+            blind = ~self.truth[indices]
+            # Drawn for the whole batch before it is shared, so the masks do not depend on the processes.
+            mask = draw_mask(noisy.shape, s.blind_spot, rng) & blind[:, None, None, None, None] if blind.any() \
+                else None
             share = slice(ranks.rank, None, ranks.world_size)
             x = torch.from_numpy(noisy[share]).to(rt.device, non_blocking=True)
             y = torch.from_numpy(clean[share]).to(rt.device, non_blocking=True)
-            with rt.autocast():
-                out = net(x)
-            loss = loss_fn(out.float(), y)
+            loss = self._loss(net, x, y, None if mask is None else torch.from_numpy(mask[share]).to(rt.device),
+                              blind[share], loss_fn)
             value = loss.item()
             if not math.isfinite(value):
                 raise FloatingPointError(
@@ -472,6 +495,23 @@ class Trainer:
         mean = distributed.sum_across([total / len(schedule)], ranks, rt.device)[0] / ranks.world_size
         return mean, lr, False
 
+    def _loss(self, net, x, y, mask, blind, loss_fn) -> torch.Tensor:
+        """The supervised loss on patches with truth and the masked-pixel loss on those without
+        (their hidden pixels replaced in the input), weighted by their share of the batch."""
+        rt = self.runtime
+        if mask is not None:
+            x = hide(x, mask)
+        with rt.autocast():
+            out = net(x).float()
+        if mask is None:
+            return loss_fn(out, y)
+        n_blind = int(blind.sum())
+        loss = masked_loss(out, y, mask) * (n_blind / len(blind))
+        if n_blind < len(blind):
+            sup = torch.from_numpy(~blind).to(out.device)
+            loss = loss + loss_fn(out[sup], y[sup]) * ((len(blind) - n_blind) / len(blind))
+        return loss
+
     def _pace(self, epoch: int, step: int) -> tuple[float, float | None]:
         """Seconds trained in this run, and an estimate of the seconds left (validation included)."""
         start, timed = self._clock
@@ -481,42 +521,62 @@ class Trainer:
         left = (self.settings.epochs - epoch) * self.steps + self.steps - step
         return elapsed, elapsed / timed * left
 
-    def _validation_patches(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[np.ndarray]]:
-        """Fixed patches of ``val_patch_size``, or of the smallest and the largest patch size,
-        this process's share, and the PSNR peak of each: the truth range of the sample it was cut from."""
+    def _validation_patches(self) -> list[dict[str, Any]]:
+        """Fixed patches of ``val_patch_size``, or of the smallest and the largest patch size, this
+        process's share: per size the inputs ``x``, targets ``y``, which have ``truth``, the PSNR
+        peak of each (the truth range of the sample it was cut from) and, when the masked-pixel loss
+        is measured, fixed ``mask`` s (drawn once, so every validation hides the same pixels)."""
         s = self.settings
         if not self.val_samples:
-            return [], [], []
+            return []
         sizes = sorted(set(s.patch_sizes), key=lambda hw: hw[0] * hw[1])
         chosen = [s.val_patch_size] if s.val_patch_size else [sizes[0], sizes[-1]]
-        ranges = np.array([truth_range(v.clean) for v in self.val_samples])
-        xs, ys, peaks = [], [], []
+        ranges = np.array([truth_range(v.clean) if v.has_truth else math.nan for v in self.val_samples])
+        truth = np.array([v.has_truth for v in self.val_samples])
+        masked = s.select == "val_masked_loss" or not truth.all()
+        parts = []
         for k, (h, w) in enumerate(dict.fromkeys(chosen)):
             sampler = PatchSampler(self.val_samples, s.time, h, w, s.value_thres, s.area_thres)
             x, y = sampler.fixed_patches(s.val_patches_per_sample, seed=[s.seed, 0, 1 + k])
+            mask = draw_mask(x.shape, s.blind_spot, np.random.default_rng([s.seed, 0, 100 + k])) if masked else None
             share = slice(self.ranks.rank, None, self.ranks.world_size)
-            xs.append(torch.from_numpy(x[share]))
-            ys.append(torch.from_numpy(y[share]))
-            peaks.append(np.repeat(ranges, s.val_patches_per_sample)[share])  # fixed_patches' order
-        return xs, ys, peaks
+            parts.append({
+                "x": torch.from_numpy(x[share]), "y": torch.from_numpy(y[share]),
+                "truth": np.repeat(truth, s.val_patches_per_sample)[share],  # fixed_patches' order
+                "peaks": np.repeat(ranges, s.val_patches_per_sample)[share],
+                "mask": None if mask is None else torch.from_numpy(mask[share]),
+            })
+        return parts
 
     @torch.no_grad()
-    def _validate(self, model, val_x, val_y, val_peaks, loss_fn) -> dict[str, float]:
-        """Mean loss, PSNR and SSIM over the validation patches, each patch weighing the same."""
+    def _validate(self, model, parts, loss_fn) -> dict[str, float]:
+        """Mean loss, PSNR and SSIM over the validation patches with truth, each patch weighing
+        the same, and the masked-pixel loss over all of them (NaN where not measured)."""
         rt, bs = self.runtime, self.settings.batch_size
         model.eval()
-        sums = [0.0, 0.0, 0.0, 0.0]
-        for xs, ys, peaks in zip(val_x, val_y, val_peaks):
+        sums = [0.0] * 6  # loss, PSNR, SSIM, patches with truth, masked squared error, hidden pixels
+        for part in parts:
+            xs, ys, truth, peaks, masks = part["x"], part["y"], part["truth"], part["peaks"], part["mask"]
             for i in range(0, len(xs), bs):
                 x, y = xs[i:i + bs].to(rt.device), ys[i:i + bs].to(rt.device)
-                with rt.autocast():
-                    out = model(x)
-                for j in range(len(x)):
-                    for k, value in enumerate(metrics(out[j:j + 1], y[j:j + 1], loss_fn, peaks[i + j])):
-                        sums[k] += value
-                    sums[3] += 1
-        loss, p, q, n = distributed.sum_across(sums, self.ranks, rt.device)
-        return {"val_loss": loss / n, "val_psnr": p / n, "val_ssim": q / n}
+                if truth[i:i + bs].any():
+                    with rt.autocast():
+                        out = model(x)
+                    for j in np.flatnonzero(truth[i:i + bs]):
+                        for k, value in enumerate(metrics(out[j:j + 1], y[j:j + 1], loss_fn, peaks[i + j])):
+                            sums[k] += value
+                        sums[3] += 1
+                if masks is not None:
+                    m = masks[i:i + bs].to(rt.device)
+                    with rt.autocast():
+                        out = model(hide(x, m))
+                    count = float(m.sum())
+                    sums[4] += masked_loss(out, y, m).item() * count
+                    sums[5] += count
+        loss, p, q, n, sq, hidden = distributed.sum_across(sums, self.ranks, rt.device)
+        nan = math.nan
+        return {"val_loss": loss / n if n else nan, "val_psnr": p / n if n else nan,
+                "val_ssim": q / n if n else nan, "val_masked_loss": sq / hidden if hidden else nan}
 
     def _should_stop(self) -> bool:
         flag = self.stop is not None and self.stop.is_set()

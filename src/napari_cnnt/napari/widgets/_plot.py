@@ -1,7 +1,9 @@
 """A small live chart of training and validation loss and validation PSNR per epoch.
 
 Drawn with QPainter so that the plugin needs no plotting library: losses
-share the left axis, PSNR (dB) has its own on the right.
+share the left axis, PSNR (dB) has its own on the right. A run validated
+without truth has no PSNR: the right axis shows its masked-pixel loss, whose
+changes are far smaller than the training loss's level.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ SERIES = (  # (history column, legend, colour, right axis)
     ("val_loss", "validation loss", "#f5a142", False),
     ("val_psnr", "validation PSNR (dB)", "#5fd35f", True),
 )
+NO_TRUTH_SERIES = (
+    ("train_loss", "train loss", "#4e9ff5", False),
+    ("val_masked_loss", "validation masked-pixel loss", "#5fd35f", True),
+)
+
+
+def _finite(records: Sequence[dict[str, float]], key: str) -> list[float]:
+    return [v for v in (r.get(key, math.nan) for r in records) if math.isfinite(v)]
 
 
 def _range(values: Sequence[float]) -> tuple[float, float]:
@@ -66,12 +76,18 @@ class LossPlot(QWidget):
             self.epochs = max(1, int(epochs))
         self.update()
 
+    @property
+    def series(self) -> tuple[tuple[str, str, str, bool], ...]:
+        """What is drawn: PSNR and the losses, or, validated without truth, the masked-pixel loss."""
+        if self.records and not _finite(self.records, "val_psnr") and _finite(self.records, "val_masked_loss"):
+            return NO_TRUTH_SERIES
+        return SERIES
+
     def ranges(self) -> dict[bool, tuple[float, float]]:
         """The value range of the left (losses, ``False``) and the right (PSNR, ``True``) axis."""
-        return {
-            False: _range([r[k] for r in self.records for k, _, _, right in SERIES if not right]),
-            True: _range([r["val_psnr"] for r in self.records]),
-        }
+        series = self.series
+        return {side: _range([v for k, _, _, right in series if right == side for v in _finite(self.records, k)])
+                for side in (False, True)}
 
     def paintEvent(self, event) -> None:  # noqa: N802 - Qt's name
         p = QPainter(self)
@@ -96,7 +112,7 @@ class LossPlot(QWidget):
                 p.drawText(QRectF(x, y - fm.height() / 2, 44, fm.height()),
                            align | Qt.AlignmentFlag.AlignVCenter, label)
         legend_x = plot.left()
-        for i, (key, name, colour, right) in enumerate(SERIES):
+        for i, (key, name, colour, right) in enumerate(self.series):
             lo, hi = ranges[right]
             pen = QPen(QColor(colour), 2)
             p.setPen(pen)
@@ -109,7 +125,7 @@ class LossPlot(QWidget):
             p.setPen(pen)
             points = [
                 QPointF(x_of(r["epoch"]), plot.bottom() - plot.height() * (r[key] - lo) / (hi - lo))
-                for r in self.records if math.isfinite(r[key])
+                for r in self.records if math.isfinite(r.get(key, math.nan))
             ]
             for a, b in zip(points, points[1:]):
                 p.drawLine(a, b)

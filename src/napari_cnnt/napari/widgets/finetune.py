@@ -1,6 +1,8 @@
 """The fine-tune widget: adapt a model to a few noisy/clean pairs, watching the losses.
 
-Training data are two image layers (or a CNNT HDF5 training file); the first
+Training data are two image layers (or a CNNT HDF5 training file), or a noisy
+layer alone (*Clean*: "none"), which trains self-supervised with its own
+recipe and is validated by the masked-pixel loss; the first
 N samples are used, optionally only inside rectangles of a Shapes layer, and
 the last K of them are held out for validation (0: the last quarter of every
 sample). The controls start at a recipe's values (:mod:`napari_cnnt.training.recipes`,
@@ -58,7 +60,9 @@ LAYERS, FILE = "Image layers", "HDF5 training file"
 WHOLE = "whole images"
 MEMORY_HINT = "Try a smaller batch size, smaller patches or a shorter time window."
 AUTO = "auto"
-FINETUNE_RECIPES = ("few-sample", "reference")
+FINETUNE_RECIPES = ("few-sample", "self-supervised", "reference")
+NO_CLEAN = "none: learn from the noisy layer itself"
+SELF_SUPERVISED = "self-supervised"
 # How the controls name the settings a refusal is about.
 SETTING_NAMES = {"patch_sizes": "'Patch sizes'", "val_patch_size": "'Patch sizes'", "batch_size": "'Batch size'",
                  "time": "'Time window'", "epochs": "'Epochs'", "lr": "'Learning rate'",
@@ -191,24 +195,27 @@ def layer_rois(shapes: Shapes, image: Image) -> list[tuple[int, int, int, int]]:
 
 def _layer_pair(noisy: Any, clean: Any, index: int | None, roi: Any) -> Callable[[], tuple]:
     def read() -> tuple:
-        n, c = (np.asarray(a if index is None else a[index]) for a in (noisy, clean))
+        n, c = (None if a is None else np.asarray(a if index is None else a[index]) for a in (noisy, clean))
         return (n, c) if roi is None else (n, c, roi)
     return read
 
 
-def layers_data(noisy: Image | None, clean: Image | None, first: int, regions: Any, n_val: int) -> TrainingData:
-    """Samples from a noisy and a clean layer: ``[T, Y, X]`` (one sample) or ``[S, T, Y, X]``."""
+def layers_data(noisy: Image | None, clean: Any, first: int, regions: Any, n_val: int) -> TrainingData:
+    """Samples from a noisy and a clean layer (``clean`` :data:`NO_CLEAN`: the noisy layer alone):
+    ``[T, Y, X]`` (one sample) or ``[S, T, Y, X]``."""
+    alone = clean == NO_CLEAN
     if noisy is None or clean is None:
         raise UserError("Choose a noisy and a clean image layer (open the sample data to try it out).")
     if noisy is clean:
-        raise UserError(f"The noisy and the clean layer are both '{noisy.name}': choose two different layers.")
-    for layer in (noisy, clean):
+        raise UserError(f"The noisy and the clean layer are both '{noisy.name}': choose two different layers, "
+                        f"or Clean '{NO_CLEAN}'.")
+    for layer in (noisy,) if alone else (noisy, clean):
         if layer.rgb or layer.multiscale or not 2 <= layer.ndim <= 4:
             raise UserError(
                 f"'{layer.name}' cannot be used for training: it must be a single-channel [T, Y, X] stack, "
                 "or [samples, T, Y, X]."
             )
-    if tuple(noisy.data.shape) != tuple(clean.data.shape):
+    if not alone and tuple(noisy.data.shape) != tuple(clean.data.shape):
         raise UserError(
             f"The noisy and clean layers must have the same shape: '{noisy.name}' is "
             f"{shape_text(noisy.data.shape)}, '{clean.name}' is {shape_text(clean.data.shape)}."
@@ -225,8 +232,9 @@ def layers_data(noisy: Image | None, clean: Image | None, first: int, regions: A
     for i in indices:
         for j, roi in enumerate(rois):
             name = noisy.name + ("" if i is None else f" #{i}") + ("" if roi is None else f" region {j + 1}")
-            items.append((name, _layer_pair(noisy.data, clean.data, i, roi)))
-    source = f"layers '{noisy.name}' (noisy) and '{clean.name}' (clean)"
+            items.append((name, _layer_pair(noisy.data, None if alone else clean.data, i, roi)))
+    source = (f"layer '{noisy.name}' (noisy, no clean image)" if alone
+              else f"layers '{noisy.name}' (noisy) and '{clean.name}' (clean)")
     return TrainingData(items, _check_val(n_val, len(items)), noisy.name, source)
 
 
@@ -297,7 +305,9 @@ class FinetuneWidget(Container):
         self.source = RadioButtons(choices=[LAYERS, FILE], value=LAYERS, label="Training data",
                                    orientation="horizontal")
         self.noisy = compact(ComboBox(label="Noisy", choices=self._image_layers))
-        self.clean = compact(ComboBox(label="Clean", choices=self._image_layers))
+        self.clean = compact(ComboBox(label="Clean", choices=self._clean_choices))
+        self.clean.tooltip = (f"The clean image of the noisy layer; '{NO_CLEAN}' trains self-supervised on the "
+                              "noisy layer alone (validated by the masked-pixel loss on a held-out part).")
         self.file = FileEdit(mode="r", filter="*.h5 *.hdf5", label="Training file", visible=False)
         self.first = SpinBox(label="Samples (0: all)", value=0, min=0, max=100_000)
         self.first.tooltip = "Use the first N samples (groups of the file, or the first axis of 4-D layers)."
@@ -366,6 +376,7 @@ class FinetuneWidget(Container):
         for w in (self.noisy, self.clean, self.file, self.first, self.regions, self.held_out):
             w.changed.connect(self._update_split)
         self.recipe.changed.connect(self.use_recipe)
+        self.clean.changed.connect(self._clean_changed)
         for w in (self.model.combo, self.epochs, self.steps, self.lr, self.losses, self.patch_sizes, self.time,
                   self.batch_size, self.device, self.fast):
             w.changed.connect(self._schedule_estimate)
@@ -385,6 +396,17 @@ class FinetuneWidget(Container):
     def _image_layers(self, _widget: Any = None) -> list[tuple[str, Image]]:
         return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)]
 
+    def _clean_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        return self._image_layers() + [(NO_CLEAN, NO_CLEAN)]
+
+    def _clean_changed(self, *_: Any) -> None:
+        """No clean image: the self-supervised recipe and its defaults; a clean image again: few-sample."""
+        alone = self.clean.value == NO_CLEAN
+        if alone and self.recipe.value != SELF_SUPERVISED:
+            self.recipe.value = SELF_SUPERVISED
+        elif not alone and self.recipe.value == SELF_SUPERVISED:
+            self.recipe.value = DEFAULT_FINETUNE
+
     def _shapes_layers(self, _widget: Any = None) -> list[tuple[str, Any]]:
         shapes = [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Shapes)]
         return [(WHOLE, WHOLE)] + shapes
@@ -397,8 +419,9 @@ class FinetuneWidget(Container):
                 if layer.metadata.get("role") == role or role in layer.name.lower():
                     widget.value = layer
                     break
-        if self.noisy.value is self.clean.value and len(layers) > 1:
-            self.clean.value = next(layer for layer in layers if layer is not self.noisy.value)
+        if self.noisy.value is self.clean.value or self.clean.value == NO_CLEAN:
+            others = [layer for layer in layers if layer is not self.noisy.value]
+            self.clean.value = others[0] if others else NO_CLEAN
 
     def reset_choices(self, *_: Any) -> None:
         had = (self.noisy.value, self.clean.value)

@@ -1,0 +1,183 @@
+"""The blind-spot objective: the hidden pixels are truly hidden, and noisy stacks alone train."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import napari_cnnt
+from napari_cnnt.model import CNNTDenoiser
+from napari_cnnt.normalization import Normalization
+from napari_cnnt.synthetic import simulate
+from napari_cnnt.training.blindspot import draw_mask, grid_for, hide, masked_loss
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = dict(patch_sizes=(16,), time=4, batch_size=2, fast=False)
+NORM = Normalization("fixed", 100, 180)
+
+
+def stack(seed, structure="membranes", shape=(6, 32, 32)):
+    return simulate(shape, (structure,), seed=seed)
+
+
+def test_mask_hides_the_fraction_asked_spread_evenly():
+    rng = np.random.default_rng(0)
+    mask = draw_mask((3, 4, 1, 64, 64), 0.02, rng)
+    g = grid_for(0.02)
+    assert g == 7
+    assert mask.dtype == bool and mask.shape == (3, 4, 1, 64, 64)
+    # One pixel per whole g x g box of every frame, boxes cut by the edge hiding at most one.
+    full = (64 // g) ** 2
+    per_frame = mask.reshape(12, 64, 64).sum((1, 2))
+    assert (per_frame >= full).all() and (per_frame <= (-(-64 // g)) ** 2).all()
+    boxes = mask.reshape(12, 64, 64)[:, : 9 * g, : 9 * g].reshape(12, 9, g, 9, g).sum((2, 4))
+    assert (boxes == 1).all()
+    # Frames are masked independently: the positions differ between frames.
+    assert not np.array_equal(mask[0, 0], mask[0, 1])
+
+
+def test_hidden_pixels_are_replaced_by_their_neighbours_median_without_them():
+    x = torch.arange(100.0).reshape(1, 1, 1, 10, 10)
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask[..., 5, 5] = True
+    mask[..., 5, 6] = True  # a hidden neighbour is left out of the other's median
+    out = hide(x, mask)
+    window = x[0, 0, 0, 3:8, 3:8].flatten()
+    keep = torch.ones(25, dtype=torch.bool)
+    keep[12] = keep[13] = False
+    assert out[0, 0, 0, 5, 5] == window[keep].median()
+    untouched = ~mask
+    assert torch.equal(out[untouched], x[untouched])
+
+
+def test_the_blind_spot_is_blind(tiny_config):
+    """The loss has exactly zero gradient with respect to every hidden pixel's input value, in every
+    frame, through the whole network (instance norm and attention across time included), while the
+    visible pixels, the same positions in the other frames among them, do receive gradient."""
+    torch.manual_seed(1)
+    net = CNNTDenoiser(tiny_config.replace(height=32, width=32)).train()
+    noisy = torch.rand(2, 4, 1, 32, 32, requires_grad=True)
+    mask = torch.from_numpy(draw_mask(tuple(noisy.shape), 0.02, np.random.default_rng(3)))
+    out = net(hide(noisy, mask))
+    loss = masked_loss(out, noisy.detach(), mask)
+    loss.backward()
+    grad = noisy.grad
+    assert mask.sum() > 50
+    assert torch.count_nonzero(grad[mask]) == 0
+    assert torch.count_nonzero(grad[~mask]) > 0.5 * (~mask).sum()
+    # The same pixels in the other frames are legitimate evidence, and the network uses it.
+    other = torch.roll(mask, 1, dims=1) & ~mask
+    assert torch.count_nonzero(grad[other]) > 0.5 * other.sum()
+
+
+def test_without_hiding_the_gradient_test_would_fail(tiny_config):
+    """The check above can fail: fed the unhidden input, the hidden positions get gradient."""
+    net = CNNTDenoiser(tiny_config.replace(height=32, width=32)).train()
+    noisy = torch.rand(1, 4, 1, 32, 32, requires_grad=True)
+    mask = torch.from_numpy(draw_mask(tuple(noisy.shape), 0.02, np.random.default_rng(3)))
+    masked_loss(net(noisy), noisy.detach(), mask).backward()
+    assert torch.count_nonzero(noisy.grad[mask]) > 0.9 * mask.sum()
+
+
+@pytest.fixture
+def model(tiny_config):
+    m = CNNTDenoiser(tiny_config)
+    m.normalization = NORM
+    return m
+
+
+def test_noisy_stacks_alone_train_and_validate_without_truth(model):
+    data = [stack(1)[0], (stack(2)[0], None)]
+    trained, history = napari_cnnt.finetune(model, data, epochs=3, steps_per_epoch=3, lr=1e-3, **TINY)
+    assert trained.metadata["training"]["recipe"] == "self-supervised"
+    assert history.metric == "val_masked_loss"
+    assert len(history) == 3
+    assert all(math.isfinite(v) for v in history["val_masked_loss"])
+    assert all(math.isnan(v) for v in history["val_psnr"])  # no truth, no PSNR
+    assert math.isfinite(history.initial["val_masked_loss"])
+    best = min([history.initial["val_masked_loss"], *history["val_masked_loss"]])
+    assert history.best_score == best
+    assert "masked-pixel loss" in history.summary()
+    assert "val_masked_loss" in history.to_csv().splitlines()[0]
+
+
+def test_validation_masks_are_fixed_so_the_starting_score_repeats(model):
+    data = [stack(1)[0], stack(2)[0]]
+    kw = dict(epochs=1, steps_per_epoch=1, lr=1e-9, **TINY)
+    _, a = napari_cnnt.finetune(model, data, **kw)
+    _, b = napari_cnnt.finetune(model, data, **kw)
+    assert a.initial["val_masked_loss"] == b.initial["val_masked_loss"]
+
+
+def test_the_masked_loss_ranks_denoisers_as_the_truth_does():
+    """Without truth, validation must still tell a better denoiser from a worse one: on a smooth
+    image with independent noise the masked-pixel loss of the truth beats that of a blurred copy."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    clean = (0.5 + 0.3 * np.sin(xx / 3.0) * np.cos(yy / 4.0))[None, None, None].astype(np.float32)
+    noisy = torch.from_numpy(clean + rng.normal(0, 0.2, clean.shape).astype(np.float32))
+    mask = torch.from_numpy(draw_mask(noisy.shape, 0.02, rng))
+    good = masked_loss(torch.from_numpy(clean), noisy, mask)
+    blurred = torch.nn.functional.avg_pool2d(torch.from_numpy(clean[0, 0]), 5, 1, 2, count_include_pad=False)
+    bad = masked_loss(blurred[None, None], noisy, mask)
+    assert good < bad
+
+
+def test_pairs_and_noisy_stacks_mix(model):
+    noisy, clean = stack(1, "filaments")
+    data = [(noisy, clean), stack(2)[0], stack(3)[0]]
+    trained, history = napari_cnnt.finetune(model, data, epochs=2, steps_per_epoch=3, **TINY)
+    assert history.metric == "val_masked_loss"
+    assert len(history) == 2 and math.isfinite(history["train_loss"][-1])
+    # A validation sample with truth also reports PSNR.
+    assert all(math.isfinite(v) for v in history["val_psnr"])
+
+
+def test_selecting_by_psnr_without_truth_is_refused(model):
+    with pytest.raises(ValueError, match="val_masked_loss"):
+        napari_cnnt.finetune(model, [stack(1)[0], stack(2)[0]], recipe="few-sample", epochs=1, **TINY)
+
+
+def test_self_supervised_run_resumes_like_an_uninterrupted_one(model, tmp_path):
+    data = [stack(1)[0], stack(2)[0]]
+    kw = dict(epochs=4, steps_per_epoch=2, lr=1e-3, patience=0, scheduler="ReduceLROnPlateau", **TINY)
+    _, whole = napari_cnnt.finetune(model, data, **kw)
+    ckpt = tmp_path / "run.ckpt"
+    napari_cnnt.finetune(model, data, checkpoint=ckpt, **{**kw, "epochs": 2})
+    _, resumed = napari_cnnt.finetune(model, data, checkpoint=ckpt, **kw)
+    assert resumed["val_masked_loss"] == pytest.approx(whole["val_masked_loss"], rel=1e-5)
+
+
+def test_command_line_finetunes_on_noisy_files_alone(tiny_config, tmp_path, monkeypatch):
+    """``napari-cnnt finetune --noisy`` reads TIFF and HDF5 stacks without truth, trains
+    self-supervised, logs the masked-pixel loss and writes a model that says how it was trained."""
+    import csv
+
+    import h5py
+    import tifffile
+
+    from napari_cnnt import load_model
+    from napari_cnnt.cli import main
+    from napari_cnnt.model.checkpoint import save_model
+
+    monkeypatch.chdir(tmp_path)
+    tifffile.imwrite("a.tif", stack(1)[0])
+    with h5py.File("b.h5", "w") as f:
+        f["recording"] = stack(2)[0]
+    base = CNNTDenoiser(tiny_config)
+    base.normalization = NORM
+    save_model(base, "base.safetensors")
+    rc = main(["finetune", "--noisy", "a.tif", "b.h5:recording", "--load_path", "base.safetensors",
+               "--num_epochs", "2", "--steps_per_epoch", "2", "--batch_size", "2", "--time", "4", "--height", "16",
+               "--width", "16", "--no-fast", "--run_name", "ss", "--blind_spot", "0.03"])
+    assert rc == 0
+    model = load_model("logs/model/ss.safetensors")
+    training = model.metadata["training"]
+    assert training["recipe"] == "self-supervised" and training["blind_spot"] == 0.03
+    assert len(model.metadata["training_data"]["train"]) == 2
+    with open("logs/results/ss_metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(math.isfinite(float(r["val_masked_loss"])) for r in rows)
+    assert "masked-pixel loss" in open("logs/logs/ss.log").read()
