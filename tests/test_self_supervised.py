@@ -181,3 +181,56 @@ def test_command_line_finetunes_on_noisy_files_alone(tiny_config, tmp_path, monk
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(math.isfinite(float(r["val_masked_loss"])) for r in rows)
     assert "masked-pixel loss" in open("logs/logs/ss.log").read()
+
+
+def test_two_process_torchrun_matches_one_process_without_truth(tiny_config, tmp_path, monkeypatch):
+    import csv
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import tifffile
+
+    from napari_cnnt.cli import main
+    from napari_cnnt.model.checkpoint import save_model
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    monkeypatch.chdir(tmp_path)
+    for k in range(2):
+        tifffile.imwrite(f"s{k}.tif", stack(k)[0])
+    base = CNNTDenoiser(tiny_config)
+    base.normalization = NORM
+    save_model(base, "base.safetensors")
+    common = ["finetune", "--noisy", "s0.tif", "s1.tif", "--load_path", "base.safetensors", "--num_epochs", "3",
+              "--steps_per_epoch", "3", "--batch_size", "4", "--time", "4", "--height", "16", "--width", "16",
+              "--global_lr", "0.001", "--device", "cpu", "--no-fast"]
+    assert main([*common, "--run_name", "single"]) == 0
+    src = Path(napari_cnnt.__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "napari_cnnt.cli", *common,
+                             "--run_name", "ddp"], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def rows(name):
+        with open(f"logs/results/{name}_metrics.csv") as f:
+            return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+    single, ddp = rows("single"), rows("ddp")
+    assert len(single) == len(ddp) == 3
+    for a, b in zip(single, ddp):
+        for key in ("train_loss", "val_masked_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3), key
+    assert single[0]["train_loss"] != single[-1]["train_loss"]
+
+
+@pytest.mark.bf16
+def test_fast_path_trains_without_truth_like_float32(model):
+    data = [stack(1)[0], stack(2)[0]]
+    kw = dict(epochs=3, steps_per_epoch=3, lr=1e-3, patch_sizes=(16,), time=4, batch_size=2)
+    _, h32 = napari_cnnt.finetune(model, data, fast=False, **kw)
+    _, h16 = napari_cnnt.finetune(model, data, fast=True, **kw)
+    assert h16["val_masked_loss"][-1] == pytest.approx(h32["val_masked_loss"][-1], rel=0.05)

@@ -95,10 +95,16 @@ def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(i >= size, period - i, i)
 
 
-def masked_loss(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error at the hidden pixels, against their noisy values (float32)."""
+def masked_loss(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                count: float | None = None) -> torch.Tensor:
+    """Mean squared error at the hidden pixels, against their noisy values (float32).
+
+    ``count`` divides the sum instead of the number of hidden pixels here: a process of a
+    data-parallel run passes the whole batch's count over the processes, so that the averaged
+    gradients are those of one process running the whole batch.
+    """
     m = mask.to(output.device)
-    count = m.sum()
+    count = float(m.sum()) if count is None else float(count)
     if count == 0:
         return output.new_zeros((), dtype=torch.float32)
     diff = (output.float() - target.float())[m]

@@ -483,7 +483,7 @@ class Trainer:
             x = torch.from_numpy(noisy[share]).to(rt.device, non_blocking=True)
             y = torch.from_numpy(clean[share]).to(rt.device, non_blocking=True)
             loss = self._loss(net, x, y, None if mask is None else torch.from_numpy(mask[share]).to(rt.device),
-                              blind[share], loss_fn)
+                              blind, share, 0 if mask is None else int(mask.sum()), loss_fn)
             value = loss.item()
             if not math.isfinite(value):
                 raise FloatingPointError(
@@ -505,9 +505,11 @@ class Trainer:
         mean = distributed.sum_across([total / len(schedule)], ranks, rt.device)[0] / ranks.world_size
         return mean, lr, False
 
-    def _loss(self, net, x, y, mask, blind, loss_fn) -> torch.Tensor:
-        """The supervised loss on patches with truth and the masked-pixel loss on those without
-        (their hidden pixels replaced in the input), weighted by their share of the batch."""
+    def _loss(self, net, x, y, mask, blind, share, hidden, loss_fn) -> torch.Tensor:
+        """The supervised loss on this process's patches with truth and the masked-pixel loss on
+        those without (their hidden pixels replaced in the input), weighted by their share of the
+        batch (``blind``: which patches of the whole batch have no truth; ``hidden``: how many
+        pixels the whole batch hides)."""
         rt = self.runtime
         if mask is not None:
             x = hide(x, mask)
@@ -515,11 +517,12 @@ class Trainer:
             out = net(x).float()
         if mask is None:
             return loss_fn(out, y)
-        n_blind = int(blind.sum())
-        loss = masked_loss(out, y, mask) * (n_blind / len(blind))
-        if n_blind < len(blind):
-            sup = torch.from_numpy(~blind).to(out.device)
-            loss = loss + loss_fn(out[sup], y[sup]) * ((len(blind) - n_blind) / len(blind))
+        mine = blind[share]
+        # Divided by the whole batch's hidden pixels per process: see masked_loss.
+        loss = masked_loss(out, y, mask, hidden / self.ranks.world_size) * (blind.sum() / len(blind))
+        if not mine.all():
+            sup = torch.from_numpy(~mine).to(out.device)
+            loss = loss + loss_fn(out[sup], y[sup]) * ((~blind).sum() / len(blind))
         return loss
 
     def _pace(self, epoch: int, step: int) -> tuple[float, float | None]:
