@@ -45,7 +45,7 @@ from ..model.denoiser import CNNTDenoiser
 from ..normalization import Normalization
 from ..runtime import Runtime
 from . import distributed
-from .blindspot import draw_mask, hide, masked_loss
+from .blindspot import VISIBLE, draw_mask, hide, masked_loss
 from .data import (
     AREA_THRES, AUGMENTATIONS, VALUE_THRES, PatchSampler, Sample, Split, budget_schedule, epoch_schedule,
     patch_sizes_of, steps_per_epoch,
@@ -477,13 +477,15 @@ class Trainer:
             noisy, clean = self.samplers[size].batch(indices, rng)
             blind = ~self.truth[indices]
             # Drawn for the whole batch before it is shared, so the masks do not depend on the processes.
-            mask = draw_mask(noisy.shape, s.blind_spot, rng) & blind[:, None, None, None, None] if blind.any() \
-                else None
+            mask = None
+            if blind.any():
+                mask = draw_mask(noisy.shape, s.blind_spot, rng)
+                mask[~blind] = VISIBLE
             share = slice(ranks.rank, None, ranks.world_size)
             x = torch.from_numpy(noisy[share]).to(rt.device, non_blocking=True)
             y = torch.from_numpy(clean[share]).to(rt.device, non_blocking=True)
             loss = self._loss(net, x, y, None if mask is None else torch.from_numpy(mask[share]).to(rt.device),
-                              blind, share, 0 if mask is None else int(mask.sum()), loss_fn)
+                              blind, share, 0 if mask is None else int((mask >= 0).sum()), loss_fn)
             value = loss.item()
             if not math.isfinite(value):
                 raise FloatingPointError(
@@ -583,7 +585,7 @@ class Trainer:
                     m = masks[i:i + bs].to(rt.device)
                     with rt.autocast():
                         out = model(hide(x, m))
-                    count = float(m.sum())
+                    count = float((m >= 0).sum())
                     sums[4] += masked_loss(out, y, m).item() * count
                     sums[5] += count
         loss, p, q, n, sq, hidden = distributed.sum_across(sums, self.ranks, rt.device)
