@@ -10,7 +10,7 @@ import napari_cnnt
 from napari_cnnt.model import CNNTDenoiser
 from napari_cnnt.normalization import Normalization
 from napari_cnnt.synthetic import simulate
-from napari_cnnt.training.blindspot import draw_mask, grid_for, hide, masked_loss
+from napari_cnnt.training.blindspot import CENTRE, VISIBLE, draw_mask, grid_for, hide, masked_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -24,10 +24,13 @@ def stack(seed, structure="membranes", shape=(6, 32, 32)):
 
 def test_mask_hides_the_fraction_asked_spread_evenly():
     rng = np.random.default_rng(0)
-    mask = draw_mask((3, 4, 1, 64, 64), 0.02, rng)
+    picks = draw_mask((3, 4, 1, 64, 64), 0.02, rng)
     g = grid_for(0.02)
     assert g == 7
-    assert mask.dtype == bool and mask.shape == (3, 4, 1, 64, 64)
+    assert picks.shape == (3, 4, 1, 64, 64)
+    mask = picks >= 0
+    assert set(np.unique(picks[mask])) == set(range(25)) - {CENTRE}  # any neighbour, never the pixel itself
+    assert (picks[~mask] == VISIBLE).all()
     # One pixel per whole g x g box of every frame, boxes cut by the edge hiding at most one.
     full = (64 // g) ** 2
     per_frame = mask.reshape(12, 64, 64).sum((1, 2))
@@ -38,17 +41,17 @@ def test_mask_hides_the_fraction_asked_spread_evenly():
     assert not np.array_equal(mask[0, 0], mask[0, 1])
 
 
-def test_hidden_pixels_are_replaced_by_their_neighbours_median_without_them():
+def test_hidden_pixels_take_the_value_of_the_neighbour_named_never_a_hidden_one():
     x = torch.arange(100.0).reshape(1, 1, 1, 10, 10)
-    mask = torch.zeros_like(x, dtype=torch.bool)
-    mask[..., 5, 5] = True
-    mask[..., 5, 6] = True  # a hidden neighbour is left out of the other's median
+    mask = torch.full_like(x, VISIBLE, dtype=torch.int8)
+    mask[..., 5, 5] = 13  # its right-hand neighbour (5, 6), which is hidden too: the next one, (5, 7)
+    mask[..., 5, 6] = 0  # its top-left neighbour (3, 4)
+    mask[..., 0, 0] = 0  # at the edge: mirrored, (2, 2)
     out = hide(x, mask)
-    window = x[0, 0, 0, 3:8, 3:8].flatten()
-    keep = torch.ones(25, dtype=torch.bool)
-    keep[12] = keep[13] = False
-    assert out[0, 0, 0, 5, 5] == window[keep].median()
-    untouched = ~mask
+    assert out[0, 0, 0, 5, 5] == x[0, 0, 0, 5, 7]
+    assert out[0, 0, 0, 5, 6] == x[0, 0, 0, 3, 4]
+    assert out[0, 0, 0, 0, 0] == x[0, 0, 0, 2, 2]
+    untouched = mask < 0
     assert torch.equal(out[untouched], x[untouched])
 
 
@@ -59,11 +62,12 @@ def test_the_blind_spot_is_blind(tiny_config):
     torch.manual_seed(1)
     net = CNNTDenoiser(tiny_config.replace(height=32, width=32)).train()
     noisy = torch.rand(2, 4, 1, 32, 32, requires_grad=True)
-    mask = torch.from_numpy(draw_mask(tuple(noisy.shape), 0.02, np.random.default_rng(3)))
-    out = net(hide(noisy, mask))
-    loss = masked_loss(out, noisy.detach(), mask)
+    picks = torch.from_numpy(draw_mask(tuple(noisy.shape), 0.02, np.random.default_rng(3)))
+    out = net(hide(noisy, picks))
+    loss = masked_loss(out, noisy.detach(), picks)
     loss.backward()
     grad = noisy.grad
+    mask = picks >= 0
     assert mask.sum() > 50
     assert torch.count_nonzero(grad[mask]) == 0
     assert torch.count_nonzero(grad[~mask]) > 0.5 * (~mask).sum()
@@ -76,8 +80,9 @@ def test_without_hiding_the_gradient_test_would_fail(tiny_config):
     """The check above can fail: fed the unhidden input, the hidden positions get gradient."""
     net = CNNTDenoiser(tiny_config.replace(height=32, width=32)).train()
     noisy = torch.rand(1, 4, 1, 32, 32, requires_grad=True)
-    mask = torch.from_numpy(draw_mask(tuple(noisy.shape), 0.02, np.random.default_rng(3)))
-    masked_loss(net(noisy), noisy.detach(), mask).backward()
+    picks = torch.from_numpy(draw_mask(tuple(noisy.shape), 0.02, np.random.default_rng(3)))
+    masked_loss(net(noisy), noisy.detach(), picks).backward()
+    mask = picks >= 0
     assert torch.count_nonzero(noisy.grad[mask]) > 0.9 * mask.sum()
 
 
@@ -181,3 +186,56 @@ def test_command_line_finetunes_on_noisy_files_alone(tiny_config, tmp_path, monk
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(math.isfinite(float(r["val_masked_loss"])) for r in rows)
     assert "masked-pixel loss" in open("logs/logs/ss.log").read()
+
+
+def test_two_process_torchrun_matches_one_process_without_truth(tiny_config, tmp_path, monkeypatch):
+    import csv
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import tifffile
+
+    from napari_cnnt.cli import main
+    from napari_cnnt.model.checkpoint import save_model
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    monkeypatch.chdir(tmp_path)
+    for k in range(2):
+        tifffile.imwrite(f"s{k}.tif", stack(k)[0])
+    base = CNNTDenoiser(tiny_config)
+    base.normalization = NORM
+    save_model(base, "base.safetensors")
+    common = ["finetune", "--noisy", "s0.tif", "s1.tif", "--load_path", "base.safetensors", "--num_epochs", "3",
+              "--steps_per_epoch", "3", "--batch_size", "4", "--time", "4", "--height", "16", "--width", "16",
+              "--global_lr", "0.001", "--device", "cpu", "--no-fast"]
+    assert main([*common, "--run_name", "single"]) == 0
+    src = Path(napari_cnnt.__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "napari_cnnt.cli", *common,
+                             "--run_name", "ddp"], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def rows(name):
+        with open(f"logs/results/{name}_metrics.csv") as f:
+            return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+    single, ddp = rows("single"), rows("ddp")
+    assert len(single) == len(ddp) == 3
+    for a, b in zip(single, ddp):
+        for key in ("train_loss", "val_masked_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3), key
+    assert single[0]["train_loss"] != single[-1]["train_loss"]
+
+
+@pytest.mark.bf16
+def test_fast_path_trains_without_truth_like_float32(model):
+    data = [stack(1)[0], stack(2)[0]]
+    kw = dict(epochs=3, steps_per_epoch=3, lr=1e-3, patch_sizes=(16,), time=4, batch_size=2)
+    _, h32 = napari_cnnt.finetune(model, data, fast=False, **kw)
+    _, h16 = napari_cnnt.finetune(model, data, fast=True, **kw)
+    assert h16["val_masked_loss"][-1] == pytest.approx(h32["val_masked_loss"][-1], rel=0.05)

@@ -253,6 +253,8 @@ def evaluate(
 
     samples = data if data and all(isinstance(d, Sample) for d in data) else load_samples(
         data, model.normalization, "pair")
+    if not all(s.has_truth for s in samples):
+        raise ValueError("evaluate compares with clean images: every sample needs one, (noisy, clean)")
     runtime = Runtime.create(device, fast)
     loss_fn = CombinedLoss(loss, loss_weights)
     totals = [0.0, 0.0, 0.0]

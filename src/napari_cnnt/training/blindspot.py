@@ -1,8 +1,9 @@
 """The blind-spot objective: learning to denoise from noisy stacks alone (Noise2Void, N2V2).
 
 A few pixels of every frame are hidden from the network: each is replaced by
-the median of its neighbours in the same frame, the hidden pixels
-themselves left out, so no replaced value carries a hidden pixel's value.
+the value of a random neighbour in the same frame (within a 5 x 5 window,
+never itself nor another hidden pixel), so no input value carries a hidden
+pixel's value.
 The loss is computed at the hidden pixels only, against their noisy values:
 since the noise of a pixel is independent of everything the network sees,
 the best prediction of its noisy value is its clean value. The same pixel in
@@ -11,10 +12,14 @@ legitimate evidence, and it is what a time-lapse model adds over a
 single-frame Noise2Void.
 
 The hidden pixels are drawn by stratified sampling (one per ``grid x grid``
-box of every frame) so they are spread evenly. Replacing them with a median
-that leaves the centre out, rather than with a random neighbour as the first
-Noise2Void did, avoids the checkerboard artefacts N2V2 traced to copies of
-neighbouring pixels.
+box of every frame) so they are spread evenly. A neighbour's noisy value
+rather than a local median (N2V2's choice) keeps the input at a hidden pixel
+as noisy as at any other: with the smoother median the network learns to
+trust the centre pixel more than its noise warrants, and its ordinary output,
+where every pixel is visible, gets worse while its blind predictions improve
+(measured with ``benchmarks/bench_selfsupervised.py``). N2V2's checkerboard
+artefacts came from copies that may include the pixel itself, which this
+replacement never uses.
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ import math
 import numpy as np
 import torch
 
-# Neighbourhood whose median replaces a hidden pixel: a (2 * RADIUS + 1)^2 window.
+# Neighbourhood a hidden pixel's replacement is drawn from: a (2 * RADIUS + 1)^2 window.
 RADIUS = 2
+WINDOW = (2 * RADIUS + 1) ** 2
+CENTRE = WINDOW // 2
+VISIBLE = -1
 
 
 def grid_for(fraction: float) -> int:
@@ -36,8 +44,11 @@ def grid_for(fraction: float) -> int:
 
 
 def draw_mask(shape: tuple[int, ...], fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """A boolean mask of ``shape`` (``[..., H, W]``): one pixel hidden at random in every
-    ``grid x grid`` box of every frame (boxes cut by the edge hide a pixel when it falls inside)."""
+    """Which pixels to hide and what replaces them, an int8 array of ``shape`` (``[..., H, W]``):
+    :data:`VISIBLE` (-1), or for a hidden pixel the index in its flattened 5 x 5 window of the
+    neighbour whose value replaces it (never :data:`CENTRE`). One pixel is hidden at random in
+    every ``grid x grid`` box of every frame (boxes cut by the edge hide one when it falls inside);
+    ``mask >= 0`` is the boolean mask."""
     g = grid_for(fraction)
     *lead, H, W = shape
     n = int(np.prod(lead)) if lead else 1
@@ -48,14 +59,16 @@ def draw_mask(shape: tuple[int, ...], fraction: float, rng: np.random.Generator)
     xs = np.arange(bx)[None, None, :] * g + dx
     frame = np.broadcast_to(np.arange(n)[:, None, None], ys.shape)
     inside = (ys < H) & (xs < W)
-    mask = np.zeros((n, H, W), bool)
-    mask[frame[inside], ys[inside], xs[inside]] = True
+    mask = np.full((n, H, W), VISIBLE, np.int8)
+    pick = rng.integers(0, WINDOW - 1, int(inside.sum()))
+    mask[frame[inside], ys[inside], xs[inside]] = pick + (pick >= CENTRE)  # skip the centre
     return mask.reshape(shape)
 
 
 def hide(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``x`` with the pixels in ``mask`` replaced by the median of their unhidden neighbours in
-    the same frame (the nearest unhidden pixel's value when a whole neighbourhood is hidden).
+    """``x`` with the pixels hidden by ``mask`` (from :func:`draw_mask`) replaced by the neighbour
+    each names; a neighbour that is hidden too is passed over for the next visible one in the
+    window, and a pixel whose whole window is hidden takes the mean of its frame's visible pixels.
 
     Works on ``[..., H, W]``; the result carries no information about, and no gradient to, the
     hidden values: ``torch.where`` takes them from the replacement only.
@@ -64,7 +77,8 @@ def hide(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"the mask must have the input's shape {list(x.shape)}, got {list(mask.shape)}")
     H, W = x.shape[-2:]
     frames = x.reshape(-1, H, W)
-    hidden = mask.reshape(-1, H, W)
+    picks = mask.reshape(-1, H, W).long()
+    hidden = picks >= 0
     n, ys, xs = torch.nonzero(hidden, as_tuple=True)
     if n.numel() == 0:
         return x
@@ -76,14 +90,17 @@ def hide(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     yy = _reflect(yy, H).reshape(len(n), -1)
     xx = _reflect(xx, W).reshape(len(n), -1)
     nn = n[:, None].expand_as(yy)
-    values = frames.detach()[nn, yy, xx].float()
-    values = values.masked_fill(hidden[nn, yy, xx], float("nan"))
-    median = values.nanmedian(dim=1).values
-    lonely = torch.isnan(median)
-    if lonely.any():  # a neighbourhood entirely hidden (tiny grids only): widen to the frame
-        median[lonely] = torch.stack([frames[i].detach()[~hidden[i]].float().median() for i in n[lonely]])
+    usable = ~hidden[nn, yy, xx]  # the centre is hidden itself, so never used
+    # The named neighbour, or the next usable one after it in the window.
+    order = torch.remainder(torch.arange(WINDOW, device=x.device)[None] - picks[n, ys, xs][:, None], WINDOW)
+    chosen = torch.where(usable, order, torch.full_like(order, WINDOW)).argmin(dim=1)
+    rows = torch.arange(len(n), device=x.device)
+    values = frames.detach()[nn[rows, chosen], yy[rows, chosen], xx[rows, chosen]]
+    lonely = ~usable.any(dim=1)
+    if lonely.any():  # a window entirely hidden (tiny grids only)
+        values[lonely] = torch.stack([frames[i].detach()[~hidden[i]].mean() for i in n[lonely]]).to(values.dtype)
     replaced = torch.zeros_like(frames)
-    replaced[n, ys, xs] = median.to(frames.dtype)
+    replaced[n, ys, xs] = values.to(frames.dtype)
     return torch.where(hidden, replaced, frames).reshape(x.shape)
 
 
@@ -95,14 +112,20 @@ def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(i >= size, period - i, i)
 
 
-def masked_loss(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error at the hidden pixels, against their noisy values (float32)."""
-    m = mask.to(output.device)
-    count = m.sum()
+def masked_loss(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                count: float | None = None) -> torch.Tensor:
+    """Mean squared error at the hidden pixels, against their noisy values (float32).
+
+    ``count`` divides the sum instead of the number of hidden pixels here: a process of a
+    data-parallel run passes the whole batch's count over the processes, so that the averaged
+    gradients are those of one process running the whole batch.
+    """
+    m = mask.to(output.device) >= 0
+    count = float(m.sum()) if count is None else float(count)
     if count == 0:
         return output.new_zeros((), dtype=torch.float32)
     diff = (output.float() - target.float())[m]
     return diff.square().sum() / count
 
 
-__all__ = ["RADIUS", "draw_mask", "grid_for", "hide", "masked_loss"]
+__all__ = ["RADIUS", "VISIBLE", "draw_mask", "grid_for", "hide", "masked_loss"]

@@ -109,13 +109,13 @@ SELF_SUPERVISED = Recipe(
     "pixels against their noisy values; the same pixels in the other frames stay visible. "
     "A budget of 120 optimiser steps (12 rounds of 10, validated after each; fewer rounds, at "
     "least 3, where they would take more than 8 minutes on this machine), 4 random patches a step, "
-    "flips, quarter turns and time reversal; AdamW at up to 4e-4 with a 10 % warm-up and a cosine "
+    "flips, quarter turns and time reversal; AdamW at up to 2e-4 with a 10 % warm-up and a cosine "
     "decay. Patches of up to 64 x 64 x 16 frames. Validation is the masked-pixel loss on held-out "
     "regions (8 fixed patches a sample, the same pixels hidden every time); the starting weights "
     "are validated too and kept unless it improves. Pairs given beside noisy stacks train with "
     "ssim + mse.",
     TrainSettings(
-        epochs=12, steps_per_epoch=10, lr=4e-4, scheduler="WarmupCosine", warmup=0.1,
+        epochs=12, steps_per_epoch=10, lr=2e-4, scheduler="WarmupCosine", warmup=0.1,
         loss=("ssim", "mse"), loss_weights=(1.0, 1.0), patch_sizes=((64, 64),), time=16, batch_size=4,
         val_patches_per_sample=8, optimizer="adamw", betas=(0.9, 0.99), weight_decay=0.0,
         clip_grad_norm=1.0, select="val_masked_loss", patience=6, augment=("flip", "rot90", "time_reverse"),

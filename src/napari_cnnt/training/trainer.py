@@ -45,7 +45,7 @@ from ..model.denoiser import CNNTDenoiser
 from ..normalization import Normalization
 from ..runtime import Runtime
 from . import distributed
-from .blindspot import draw_mask, hide, masked_loss
+from .blindspot import VISIBLE, draw_mask, hide, masked_loss
 from .data import (
     AREA_THRES, AUGMENTATIONS, VALUE_THRES, PatchSampler, Sample, Split, budget_schedule, epoch_schedule,
     patch_sizes_of, steps_per_epoch,
@@ -467,13 +467,15 @@ class Trainer:
             noisy, clean = self.samplers[size].batch(indices, rng)
             blind = ~self.truth[indices]
             # Drawn for the whole batch before it is shared, so the masks do not depend on the processes.
-            mask = draw_mask(noisy.shape, s.blind_spot, rng) & blind[:, None, None, None, None] if blind.any() \
-                else None
+            mask = None
+            if blind.any():
+                mask = draw_mask(noisy.shape, s.blind_spot, rng)
+                mask[~blind] = VISIBLE
             share = slice(ranks.rank, None, ranks.world_size)
             x = torch.from_numpy(noisy[share]).to(rt.device, non_blocking=True)
             y = torch.from_numpy(clean[share]).to(rt.device, non_blocking=True)
             loss = self._loss(net, x, y, None if mask is None else torch.from_numpy(mask[share]).to(rt.device),
-                              blind[share], loss_fn)
+                              blind, share, 0 if mask is None else int((mask >= 0).sum()), loss_fn)
             value = loss.item()
             if not math.isfinite(value):
                 raise FloatingPointError(
@@ -495,9 +497,11 @@ class Trainer:
         mean = distributed.sum_across([total / len(schedule)], ranks, rt.device)[0] / ranks.world_size
         return mean, lr, False
 
-    def _loss(self, net, x, y, mask, blind, loss_fn) -> torch.Tensor:
-        """The supervised loss on patches with truth and the masked-pixel loss on those without
-        (their hidden pixels replaced in the input), weighted by their share of the batch."""
+    def _loss(self, net, x, y, mask, blind, share, hidden, loss_fn) -> torch.Tensor:
+        """The supervised loss on this process's patches with truth and the masked-pixel loss on
+        those without (their hidden pixels replaced in the input), weighted by their share of the
+        batch (``blind``: which patches of the whole batch have no truth; ``hidden``: how many
+        pixels the whole batch hides)."""
         rt = self.runtime
         if mask is not None:
             x = hide(x, mask)
@@ -505,11 +509,12 @@ class Trainer:
             out = net(x).float()
         if mask is None:
             return loss_fn(out, y)
-        n_blind = int(blind.sum())
-        loss = masked_loss(out, y, mask) * (n_blind / len(blind))
-        if n_blind < len(blind):
-            sup = torch.from_numpy(~blind).to(out.device)
-            loss = loss + loss_fn(out[sup], y[sup]) * ((len(blind) - n_blind) / len(blind))
+        mine = blind[share]
+        # Divided by the whole batch's hidden pixels per process: see masked_loss.
+        loss = masked_loss(out, y, mask, hidden / self.ranks.world_size) * (blind.sum() / len(blind))
+        if not mine.all():
+            sup = torch.from_numpy(~mine).to(out.device)
+            loss = loss + loss_fn(out[sup], y[sup]) * ((~blind).sum() / len(blind))
         return loss
 
     def _pace(self, epoch: int, step: int) -> tuple[float, float | None]:
@@ -570,7 +575,7 @@ class Trainer:
                     m = masks[i:i + bs].to(rt.device)
                     with rt.autocast():
                         out = model(hide(x, m))
-                    count = float(m.sum())
+                    count = float((m >= 0).sum())
                     sums[4] += masked_loss(out, y, m).item() * count
                     sums[5] += count
         loss, p, q, n, sq, hidden = distributed.sum_across(sums, self.ranks, rt.device)
