@@ -196,7 +196,7 @@ def test_writes_are_atomic_and_never_replace_the_source(tmp_path):
     hdf5.write_hdf5(path, "a", np.ones((8, 8), np.uint8))
     before = path.read_bytes()
     with pytest.raises(ImageFileError, match="not numeric"):
-        hdf5.write_hdf5(path, "a", np.array([["x"] * 8] * 8))
+        hdf5.write_hdf5(path, "a", np.array([["x"] * 8] * 8), overwrite=True)
     assert path.read_bytes() == before
     source = hdf5.read_dataset(path, "a")
     with pytest.raises(ImageFileError, match="refusing to overwrite"):

@@ -3,16 +3,22 @@
 ``add_<task>(subparsers)`` declares the options and ``run_<task>(args) -> int``
 does the work; a new task (``train``, ``finetune``) adds one such pair and
 registers it in :data:`SUBCOMMANDS`. Problems the user can fix (a bad file, a
-bad option) end the command with one line on stderr and exit status 1.
+bad option: :class:`napari_cnnt.errors.InputError`) end the command with one
+line on stderr and exit status 1; any other exception is a bug and shows its
+traceback. Outputs that exist are refused unless ``--overwrite`` is given, and
+an input of the command is never written. Ctrl-C and SIGTERM both stop the
+command and remove its temporary files.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
+import signal
 import sys
 import tempfile
+import threading
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .errors import DataError, ImageFileError, InputError, UsageError
+from .io.atomic import check_output
 from .metrics import psnr_db
 from .training.cli import add_finetune, add_train
 
@@ -27,8 +35,9 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
 
 
-class UsageError(ValueError):
-    """A problem with the command line or its files, reported as one line."""
+def add_overwrite_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output file that exists (never one of the inputs)")
 
 
 # ----------------------------------------------------------------------------- denoise
@@ -65,6 +74,10 @@ def add_denoise(subparsers: Any) -> None:
     p.add_argument("--time-axis", metavar="N", type=int,
                    help="which axis is time (default: the axis labelled T, or the first of a 3-D stack); "
                         "stacks along other leading axes (positions, channels) are denoised one by one")
+    p.add_argument("--allow-external-data", action="store_true",
+                   help="HDF5: also read datasets whose data are stored in other files (external storage, "
+                        "virtual datasets, external links); refused by default")
+    add_overwrite_flag(p)
     _add_fast_flag(p)
     p.set_defaults(run=run_denoise)
 
@@ -75,26 +88,29 @@ def run_denoise(args: argparse.Namespace) -> int:
 
     output = args.output or default_output(args.input)
     output_format = _format(output, "output")
-    if output.exists() and args.input.exists() and os.path.samefile(output, args.input):
-        raise UsageError(f"{output}: refusing to overwrite the input; choose another output with -o")
-    if not output.parent.is_dir():
-        raise UsageError(f"{output}: the folder {output.parent} does not exist")
+    check_output(output, overwrite=args.overwrite, inputs=[args.input, args.model], error=UsageError)
     runtime = _runtime(args)
 
     with contextlib.ExitStack() as stack:
-        image = read_image(args.input, args.dataset)
+        image = read_image(args.input, args.dataset, args.allow_external_data)
         if hasattr(getattr(image.data, "file", None), "close"):  # an open HDF5 dataset
             stack.callback(image.data.file.close)
         time_axis = _time_axis_of(image, args.time_axis)
         model = _load_model(args.model)
         result = _output_buffer(image.data.shape, output, stack)
         bar = stack.enter_context(_progress_bar(f"denoising {args.input.name}"))
-        denoise(
-            image.data, model, tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
-            device=runtime, progress=bar, out=result, time_axis=time_axis,
-        )
+        try:
+            denoise(
+                image.data, model, tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
+                device=runtime, progress=bar, out=result, time_axis=time_axis,
+            )
+        except DataError as e:
+            raise DataError(f"{args.input}: {e}") from None
+        except (OSError, zlib.error) as e:  # h5py and the TIFF decoders, on damaged data
+            raise ImageFileError(f"{args.input}: the image data cannot be read, the file may be damaged "
+                                 f"({' '.join(str(e).split())})") from None
         denoised = Image(result, image.name, image.axes, image.scale, image.unit)
-        write_image(output, output_format, denoised)
+        write_image(output, output_format, denoised, args.overwrite)
     print(f"wrote {output}", file=sys.stderr)
     return 0
 
@@ -108,6 +124,7 @@ def add_demo(subparsers: Any) -> None:
     p.add_argument("--model", type=Path, metavar="PATH", help="model file (default: the bundled model)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' (default: auto)")
     p.add_argument("-o", "--output", type=Path, metavar="PATH", help="also write the denoised stack (TIFF or HDF5)")
+    add_overwrite_flag(p)
     _add_fast_flag(p)
     p.set_defaults(run=run_demo)
 
@@ -120,6 +137,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from .synthetic import sample_recording
 
     output_format = _format(args.output, "output") if args.output else None
+    if args.output:
+        check_output(args.output, overwrite=args.overwrite, inputs=[args.model], error=UsageError)
     runtime = _runtime(args)
     model = _load_model(args.model)
     noisy, clean = sample_recording()
@@ -131,7 +150,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"sample {' x '.join(map(str, noisy.shape))}: PSNR {before:.2f} dB noisy -> {after:.2f} dB denoised "
           f"({after - before:+.2f} dB) in {seconds:.1f} s")
     if args.output:
-        write_image(args.output, output_format, Image(result, "denoised sample", "TYX", (1.0, 0.1, 0.1), "um"))
+        write_image(args.output, output_format, Image(result, "denoised sample", "TYX", (1.0, 0.1, 0.1), "um"),
+                    args.overwrite)
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
@@ -157,6 +177,7 @@ def add_export(subparsers: Any) -> None:
                    help="a TIFF or HDF5 stack whose centre becomes the package's test input "
                         "(default: the synthetic sample)")
     p.add_argument("--dataset", metavar="KEY", help="with --test-input: the HDF5 dataset or TIFF series")
+    add_overwrite_flag(p)
     p.set_defaults(run=run_export)
 
 
@@ -164,12 +185,18 @@ def run_export(args: argparse.Namespace) -> int:
     from .model.bioimageio import save_package
     from .model.checkpoint import provenance_of, save_model
 
-    if args.model is not None and args.output.exists() and args.model.exists() \
-            and os.path.samefile(args.output, args.model):
-        raise UsageError(f"{args.output}: refusing to overwrite the model; choose another output")
+    inputs = [args.model, args.test_input]
+    if args.output.is_dir() and args.output.suffix.lower() not in (".zip", ".safetensors"):
+        if not args.overwrite:  # a package folder
+            raise UsageError(f"{args.output}: already exists; choose another name or allow overwriting it "
+                             "(--overwrite)")
+        if any(p is not None and (Path(p).resolve().is_relative_to(args.output.resolve())) for p in inputs):
+            raise UsageError(f"{args.output}: holds an input of this command; refusing to overwrite it")
+    else:
+        check_output(args.output, overwrite=args.overwrite, inputs=inputs, error=UsageError)
     model = _load_model(args.model)
     if args.output.suffix.lower() == ".safetensors":
-        save_model(model, args.output)
+        save_model(model, args.output, overwrite=args.overwrite)
     else:
         test_input = None
         if args.test_input is not None:
@@ -178,7 +205,7 @@ def run_export(args: argparse.Namespace) -> int:
             test_input = data
         authors = args.author or (["napari-cnnt developers"] if args.model is None else None)
         save_package(model, args.output, provenance_of(model), name=args.name, authors=authors,
-                     test_input=test_input)
+                     test_input=test_input, overwrite=args.overwrite)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
@@ -246,6 +273,7 @@ def add_simulate(subparsers: Any) -> None:
                    help=f"structures to mix, from {', '.join(STRUCTURES)}; the order given is part of the "
                         "seeding (default: all, in that order)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first recording (default: 0)")
+    add_overwrite_flag(p)
     p.set_defaults(run=run_simulate)
 
 
@@ -255,6 +283,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     if _format(args.output, "output") != "hdf5":
         raise UsageError(f"{args.output}: training pairs are written as HDF5; use a .h5 name")
+    check_output(args.output, overwrite=args.overwrite, error=UsageError)
     if args.count < 1:
         raise UsageError(f"--count must be at least 1, got {args.count}")
     if min(args.shape) < 1 or args.shape[1] < 8 or args.shape[2] < 8:
@@ -269,7 +298,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         random_recording(tuple(args.shape), seed=args.seed + i, structures=args.structures)[:2]
         for i in tqdm(range(args.count), desc="simulating", unit="recording", file=sys.stderr, dynamic_ncols=True)
     ]
-    write_training_pairs(args.output, pairs)
+    write_training_pairs(args.output, pairs, overwrite=args.overwrite)
     print(f"wrote {args.count} recording(s) of {' x '.join(map(str, args.shape))} to {args.output}", file=sys.stderr)
     return 0
 
@@ -320,7 +349,7 @@ def _format(path: Path, role: str) -> str:
     )
 
 
-def read_image(path: Path, dataset: str | None) -> Any:
+def read_image(path: Path, dataset: str | None, allow_external: bool = False) -> Any:
     """The stack to denoise, read lazily, from a TIFF series or an HDF5 dataset."""
     from .io import hdf5, tiff
 
@@ -336,14 +365,14 @@ def read_image(path: Path, dataset: str | None) -> Any:
             ) from None
     if hdf5.is_hdf5(path):
         if dataset is None:
-            keys = hdf5.list_image_datasets(path)
+            keys = hdf5.list_image_datasets(path, allow_external)
             if len(keys) != 1:
                 listed = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
                 raise UsageError(
                     f"{path}: holds {len(keys)} image datasets ({listed or 'none'}); choose one with --dataset"
                 )
             dataset = keys[0]
-        return hdf5.read_dataset(path, dataset)
+        return hdf5.read_dataset(path, dataset, allow_external)
     raise UsageError(f"{path}: neither a TIFF nor an HDF5 file")
 
 
@@ -368,16 +397,20 @@ def _output_buffer(shape: tuple[int, ...], output: Path, stack: contextlib.ExitS
     if 4 * int(np.prod(shape)) <= io.LAZY_BYTES:
         return np.empty(shape, dtype=np.float32)
     folder = stack.enter_context(tempfile.TemporaryDirectory(dir=output.parent, prefix=".napari-cnnt-"))
-    return np.lib.format.open_memmap(Path(folder) / "denoised.npy", mode="w+", dtype=np.float32, shape=shape)
+    try:
+        return np.lib.format.open_memmap(Path(folder) / "denoised.npy", mode="w+", dtype=np.float32, shape=shape)
+    except OSError as e:
+        raise ImageFileError(f"{output}: no room for the {4 * int(np.prod(shape)) / 1e9:.1f} GB result beside it "
+                             f"({e.strerror or e})") from None
 
 
-def write_image(path: Path, output_format: str, image: Any) -> None:
+def write_image(path: Path, output_format: str, image: Any, overwrite: bool = False) -> None:
     from .io import hdf5, tiff
 
     if output_format == "tiff":
-        tiff.write_tiff(path, image.data, axes=image.axes, scale=image.scale, unit=image.unit)
+        tiff.write_tiff(path, image.data, axes=image.axes, scale=image.scale, unit=image.unit, overwrite=overwrite)
     else:
-        hdf5.write_images_hdf5(path, [image])
+        hdf5.write_images_hdf5(path, [image], overwrite=overwrite)
 
 
 @contextlib.contextmanager
@@ -412,16 +445,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``kill``, a job scheduler's stop) raises KeyboardInterrupt like Ctrl-C, so that the
+    same clean-up runs: temporary files are removed and no half-written output is left."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with sigterm_interrupts():
+            return args.run(args)
     except KeyboardInterrupt:
         print(f"napari-cnnt {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError) as e:  # ImageFileError, CheckpointError and UsageError among them
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"napari-cnnt {args.command}: error: {message}", file=sys.stderr)
+    except InputError as e:  # ImageFileError, CheckpointError, TrainingSettingsError, UsageError, DataError
+        print(f"napari-cnnt {args.command}: error: {e or type(e).__name__}", file=sys.stderr)
         return 1
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import DataError
 from .normalization import Normalization
 from .runtime import Runtime
 
@@ -252,7 +253,7 @@ class _WindowReader:
         where = f"frame {self._first + t}, row {y}, column {x}"
         if self._stack.lead:
             where += f" of the stack at {self._stack.lead}"
-        raise ValueError(f"data contains NaN or infinite values (first at {where}); replace them before denoising")
+        raise DataError(f"data contains NaN or infinite values (first at {where}); replace them before denoising")
 
 
 class _Stack:
@@ -385,9 +386,18 @@ def _resolve_normalization(normalization: Any, model: torch.nn.Module) -> Normal
     )
 
 
+def whole(value: Any, name: str) -> int:
+    """An integer setting as given: ``2.5`` or ``"3"`` is refused rather than truncated."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)
+    raise TypeError(f"{name} must be a whole number, got {value!r}")
+
+
 def _triple(value: Any, name: str) -> tuple[int, int, int]:
     try:
-        t = tuple(int(v) for v in value)
+        t = tuple(whole(v, name) for v in value)
     except TypeError:
         raise TypeError(f"{name} must be three integers (time, height, width), got {value!r}") from None
     if len(t) != 3:
@@ -548,12 +558,12 @@ def denoise(
     """
     data = _as_array(data)
     shape = tuple(int(n) for n in data.shape)
-    t_axis = _time_axis(shape, time_axis)
+    t_axis = _time_axis(shape, None if time_axis is None else whole(time_axis, "time_axis"))
     if out is not None:
         _check_out(out, data)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    if batch_size is not None and int(batch_size) < 1:
+    if batch_size is not None and whole(batch_size, "batch_size") < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     cancelled = _is_cancelled(cancel)
 
@@ -618,6 +628,9 @@ def _denoise_stack(
 
     def emit(first: int, frames: torch.Tensor) -> None:
         frames = frames.mul_(hi - lo).add_(lo).cpu().numpy()
+        if not np.isfinite(frames).all():
+            raise DataError(f"the result is not finite from frame {first} on: the intensities ({lo:.3g} to {hi:.3g}) "
+                            "are beyond what the network computes in 32 bits")
         target[first:first + len(frames)] = _storable(frames, target.dtype)
 
     blender = Blender(plan, runtime.device, emit)

@@ -7,14 +7,19 @@ so the scaling is stored in the model file and applied by ``denoise``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+import math
 from typing import Any
 
 import numpy as np
+
+from .errors import DataError
 
 MODES = ("fixed", "percentile", "none")
 
 # Percentiles of a huge stack are estimated from at most this many values.
 _PERCENTILE_SAMPLE = 4_000_000
+# The network computes in float32: intensities and their range must stay well inside it.
+_FLOAT32_LIMIT = float(np.finfo(np.float32).max) / 4
 
 
 @dataclass(frozen=True)
@@ -64,22 +69,44 @@ class Normalization:
         if self.mode == "fixed":
             return self.low, self.high
         sample = _subsample(data)
-        lo, hi = np.percentile(sample, [self.low, self.high])
+        if not np.isfinite(sample).all():
+            raise DataError("the image contains NaN or infinite values; replace them before denoising")
+        lo, hi = (float(v) for v in np.percentile(sample, [self.low, self.high]))
         if not hi > lo:  # a constant image: any positive range works
-            hi = lo + 1.0
-        return float(lo), float(hi)
+            hi = lo + max(1.0, abs(lo) * 1e-3)
+        return check_limits(lo, hi)
+
+
+def check_limits(lo: float, hi: float) -> tuple[float, float]:
+    """``(lo, hi)`` if the float32 network can work with them; a :class:`DataError` naming them otherwise."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or max(abs(lo), abs(hi), hi - lo) > _FLOAT32_LIMIT:
+        raise DataError(f"intensities from {lo:.3g} to {hi:.3g} are too large for the network's 32-bit "
+                        "arithmetic; rescale the image (e.g. to 16-bit) before denoising")
+    return lo, hi
 
 
 def _subsample(data: Any) -> np.ndarray:
-    """Up to a few million values spread over the whole array, read lazily."""
-    shape = data.shape
-    size = int(np.prod(shape))
+    """Up to a few million values (float64) from every frame of the array, read lazily.
+
+    Small arrays are used whole. Larger ones: every frame along the leading
+    axes when there are few, an even spread of frames when there are many,
+    each read with a row and column stride that keeps the total near
+    :data:`_PERCENTILE_SAMPLE` (a recording that bleaches or brightens is
+    represented from its first frame to its last).
+    """
+    shape = tuple(int(n) for n in data.shape)
+    size = math.prod(shape)
     if size <= _PERCENTILE_SAMPLE or len(shape) < 3:
-        return np.asarray(data, dtype=np.float32)
-    # Whole frames spread evenly along the leading axes keep reads contiguous.
-    per_frame = int(np.prod(shape[-2:]))
+        if size <= _PERCENTILE_SAMPLE:
+            return np.asarray(data, dtype=np.float64).reshape(-1)
+        step = math.ceil(math.sqrt(size / _PERCENTILE_SAMPLE))
+        return np.asarray(np.asarray(data)[..., ::step, ::step], dtype=np.float64).reshape(-1)
+    per_frame = math.prod(shape[-2:])
     n_frames = size // per_frame
-    take = max(1, _PERCENTILE_SAMPLE // per_frame)
-    flat_index = np.unique(np.linspace(0, n_frames - 1, min(take, n_frames)).astype(int))
-    frames = [np.asarray(data[np.unravel_index(i, shape[:-2])], dtype=np.float32) for i in flat_index]
-    return np.stack(frames)
+    frames = min(n_frames, max(1, _PERCENTILE_SAMPLE // 1024))  # at least about 1000 values per frame
+    per_frame_budget = max(1, _PERCENTILE_SAMPLE // frames)
+    step = max(1, math.ceil(math.sqrt(per_frame / per_frame_budget)))
+    flat_index = np.unique(np.linspace(0, n_frames - 1, frames).round().astype(np.int64))
+    values = [np.asarray(data[np.unravel_index(int(i), shape[:-2])][::step, ::step], dtype=np.float64).reshape(-1)
+              for i in flat_index]
+    return np.concatenate(values)

@@ -2,28 +2,24 @@
 
 Readers return :class:`Image` records: the pixel data (a numpy array, or a
 lazy array backed by the open file when the data is large), the axis letters
-and the physical pixel size per axis. Writers never modify a file in place:
-they write a temporary file beside the target and rename it over the target.
+and the physical pixel size per axis. Writers never modify a file in place and
+never replace a file unless asked (``overwrite=True``): see :mod:`.atomic`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..errors import ImageFileError
+from .atomic import atomic_path, check_output, same_file, source_files
+
 # Arrays larger than this many bytes are returned lazily (backed by the file).
 LAZY_BYTES = 256 * 2**20
-
-
-class ImageFileError(ValueError):
-    """A file that cannot be read or written, with the file and the reason in the message."""
 
 
 @dataclass
@@ -83,59 +79,12 @@ def normalize_unit(unit: Any) -> str | None:
     return u
 
 
-def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def source_files(data: Any) -> set[str]:
-    """The files a lazy array reads from (h5py datasets, memory maps, dask graphs over them)."""
-    found: set[str] = set()
-    items = [data]
-    dask_graph = getattr(data, "dask", None)
-    if dask_graph is not None:
-        with contextlib.suppress(Exception):
-            items.extend(dict(dask_graph).values())
-    for item in items:
-        file = getattr(item, "file", None)
-        name = getattr(file, "filename", None) or getattr(item, "filename", None)
-        if isinstance(name, (str, os.PathLike)):
-            found.add(os.fspath(name))
-    return found
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, *sources: Any) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` only on success.
-
-    Refuses to replace a file that one of ``sources`` is being read from.
-    """
-    path = Path(path)
-    for src in sources:
-        for name in source_files(src):
-            if same_file(name, path):
-                raise ImageFileError(f"{path}: refusing to overwrite the file the data is read from")
-    if path.is_dir():
-        raise ImageFileError(f"{path}: is a folder, not a file name")
-    if not path.parent.is_dir():
-        raise ImageFileError(f"{path}: the folder {path.parent} does not exist")
-    # A fresh name (not mkstemp) so that the file gets the usual permissions.
-    tmp_path = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-
-
 __all__ = [
     "LAZY_BYTES",
     "Image",
     "ImageFileError",
-    "atomic_output",
+    "atomic_path",
+    "check_output",
     "default_axes",
     "normalize_unit",
 ]

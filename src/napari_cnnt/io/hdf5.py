@@ -6,12 +6,23 @@ each holding ``noisy_im`` and ``clean_im`` arrays ``[T, H, W]`` or ``[H, W]``.
 Pixel sizes are read from the attributes instruments and Fiji write
 (``element_size_um`` and similar), axes from ``axes``, ilastik's
 ``axistags`` or HDF5 dimension labels.
+
+Only data inside the file are read: datasets whose storage is in another
+file (external storage, virtual datasets over other files, external links)
+are refused unless ``allow_external=True``. What a dataset declares (its
+shape and type) is checked against the bytes the file holds and the memory
+available before anything is read (:mod:`.limits`).
+
+Writes are checked by reading the file back: HDF5 reports some failed
+writes only when a dataset is freed, after the file closed "successfully".
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -19,7 +30,9 @@ import h5py
 import numpy as np
 
 from .. import io as cnnt_io
-from . import Image, ImageFileError, atomic_output, default_axes, normalize_unit
+from . import Image, ImageFileError, default_axes, normalize_unit
+from .atomic import atomic_path, same_file
+from .limits import check_declared
 
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
 NOISY, CLEAN = "noisy_im", "clean_im"
@@ -68,7 +81,7 @@ def _is_image(obj: Any) -> bool:
     return sum(n > 3 for n in obj.shape) >= 2
 
 
-def _walk(group: h5py.Group, prefix: str = "") -> Iterator[tuple[str, h5py.Dataset]]:
+def _walk(group: h5py.Group, prefix: str = "", allow_external: bool = False) -> Iterator[tuple[str, h5py.Dataset]]:
     """Image datasets in file order, a sample's ``noisy_im`` before its ``clean_im``."""
     names = list(group.keys())
     if NOISY in names and CLEAN in names:
@@ -76,19 +89,56 @@ def _walk(group: h5py.Group, prefix: str = "") -> Iterator[tuple[str, h5py.Datas
         names.insert(names.index(CLEAN), NOISY)
     for name in names:
         try:
+            if not allow_external and isinstance(group.get(name, getlink=True), h5py.ExternalLink):
+                continue
             obj = group[name]
         except (KeyError, OSError):  # dangling or external link
             continue
         if isinstance(obj, h5py.Group):
-            yield from _walk(obj, f"{prefix}{name}/")
+            yield from _walk(obj, f"{prefix}{name}/", allow_external)
         elif _is_image(obj):
             yield f"{prefix}{name}", obj
 
 
-def list_image_datasets(path: str | os.PathLike) -> list[str]:
+def list_image_datasets(path: str | os.PathLike, allow_external: bool = False) -> list[str]:
     """Paths of the image-like datasets, in the order :func:`read_hdf5` returns them."""
     with open_file(path) as f:
-        return [key for key, _ in _walk(f)]
+        return [key for key, _ in _walk(f, allow_external=allow_external)]
+
+
+def check_storage(ds: h5py.Dataset, path: Any, key: str, allow_external: bool = False) -> None:
+    """Refuse a dataset whose data live outside ``path`` (unless ``allow_external``)."""
+    if allow_external:
+        return
+    try:
+        external = ds.external
+        virtual = ds.is_virtual
+        sources = {src.file_name for src in ds.virtual_sources()} if virtual else set()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ImageFileError(f"{path}: dataset {key!r} has unreadable storage information ({e})") from None
+    if external:
+        names = ", ".join(str(name) for name, *_ in external)
+        raise ImageFileError(f"{path}: dataset {key!r} keeps its data in other files ({names}); refusing to "
+                             "read data that are not in this file")
+    others = [name for name in sources if name not in (".", "") and not same_file(name, path)]
+    if others:
+        raise ImageFileError(f"{path}: dataset {key!r} is a virtual dataset over other files "
+                             f"({', '.join(sorted(others))}); refusing to read data that are not in this file")
+
+
+def _stored_bytes(ds: h5py.Dataset) -> int:
+    try:
+        return int(ds.id.get_storage_size())
+    except (OSError, RuntimeError, ValueError):
+        return 0
+
+
+def _check(ds: h5py.Dataset, path: Any, key: str, allow_external: bool, load: bool) -> None:
+    """What the dataset declares must be in the file, and fit in memory."""
+    check_storage(ds, path, key, allow_external)
+    compressed = ds.chunks is not None and bool(ds.compression or ds._filters)
+    check_declared(path, f"dataset {key!r}", tuple(ds.shape), ds.dtype, _stored_bytes(ds),
+                   os.path.getsize(path), compressed=compressed, load=load)
 
 
 def _attr(ds: h5py.Dataset, names: Sequence[str]) -> tuple[str | None, Any]:
@@ -151,7 +201,7 @@ def _scale(ds: h5py.Dataset) -> tuple[tuple[float, ...], str | None]:
     return tuple(scale), "um" if name.endswith("_um") or name == "element_size" else None
 
 
-def _image(ds: h5py.Dataset, key: str, lazy_bytes: int | None, path: Any) -> Image:
+def _image(ds: h5py.Dataset, key: str, lazy_bytes: int | None, path: Any, allow_external: bool = False) -> Image:
     scale, unit = _scale(ds)
     metadata: dict[str, Any] = {"source": os.fspath(path), "key": key}
     parts = key.rsplit("/", 1)
@@ -159,7 +209,9 @@ def _image(ds: h5py.Dataset, key: str, lazy_bytes: int | None, path: Any) -> Ima
         metadata["sample"] = parts[0]
         metadata["role"] = "noisy" if parts[1] == NOISY else "clean"
     threshold = cnnt_io.LAZY_BYTES if lazy_bytes is None else lazy_bytes
-    if ds.size * ds.dtype.itemsize > threshold:
+    lazy = math.prod(ds.shape) * ds.dtype.itemsize > threshold
+    _check(ds, path, key, allow_external, load=not lazy)
+    if lazy:
         data: Any = ds
     else:
         try:
@@ -169,23 +221,35 @@ def _image(ds: h5py.Dataset, key: str, lazy_bytes: int | None, path: Any) -> Ima
     return Image(data, key, _axes(ds), scale, unit, metadata)
 
 
-def read_dataset(path: str | os.PathLike, key: str) -> Image:
+def read_dataset(path: str | os.PathLike, key: str, allow_external: bool = False) -> Image:
     """One dataset as an :class:`Image` whose ``data`` is the open ``h5py.Dataset`` (read on access)."""
     f = open_file(path)
-    ds = f.get(key)
-    if not isinstance(ds, h5py.Dataset):
+    try:
+        link = f.get(key, getlink=True)
+        if isinstance(link, h5py.ExternalLink) and not allow_external:
+            raise ImageFileError(f"{path}: dataset {key!r} is a link to another file ({link.filename}); refusing to "
+                                 "read data that are not in this file")
+        ds = f.get(key)
+        if not isinstance(ds, h5py.Dataset):
+            raise ImageFileError(f"{path}: no dataset {key!r}")
+        if ds.dtype.kind not in "biuf":
+            raise ImageFileError(f"{path}: dataset {key!r} holds {ds.dtype} values, not numbers")
+        return _image(ds, key.strip("/"), 0, path, allow_external)
+    except (BaseException) as e:
         f.close()
-        raise ImageFileError(f"{path}: no dataset {key!r}")
-    return _image(ds, key.strip("/"), 0, path)
+        if isinstance(e, (OSError, KeyError)):
+            raise ImageFileError(f"{path}: dataset {key!r} cannot be read ({' '.join(str(e).split())})") from None
+        raise
 
 
-def read_hdf5(path: str | os.PathLike, lazy_bytes: int | None = None) -> list[Image]:
+def read_hdf5(path: str | os.PathLike, lazy_bytes: int | None = None, allow_external: bool = False) -> list[Image]:
     """Every image-like dataset, in file order; datasets over ``lazy_bytes``
     (default :data:`~napari_cnnt.io.LAZY_BYTES`) stay in the file and are read on access.
     """
     f = open_file(path)
     try:
-        images = [_image(ds, key, lazy_bytes, path) for key, ds in _walk(f)]
+        images = [_image(ds, key, lazy_bytes, path, allow_external)
+                  for key, ds in _walk(f, allow_external=allow_external)]
     except BaseException:
         f.close()
         raise
@@ -203,7 +267,9 @@ def is_training_file(path: str | os.PathLike) -> bool:
         )
 
 
-def read_training_pairs(path: str | os.PathLike) -> list[tuple[str, h5py.Dataset, h5py.Dataset]]:
+def read_training_pairs(
+    path: str | os.PathLike, allow_external: bool = False,
+) -> list[tuple[str, h5py.Dataset, h5py.Dataset]]:
     """``(sample, noisy, clean)`` for every sample group, in file order; the arrays are
     open ``h5py.Dataset`` objects, read on access.
     """
@@ -216,9 +282,16 @@ def read_training_pairs(path: str | os.PathLike) -> list[tuple[str, h5py.Dataset
             if NOISY not in group and CLEAN not in group:
                 continue
             for part in (NOISY, CLEAN):
+                if isinstance(group.get(part, getlink=True), h5py.ExternalLink) and not allow_external:
+                    raise ImageFileError(f"{path}: sample {name!r}: {part} is a link to another file; refusing to "
+                                         "read data that are not in this file")
                 if not isinstance(group.get(part), h5py.Dataset):
                     raise ImageFileError(f"{path}: sample {name!r} has no {part!r} dataset")
             noisy, clean = group[NOISY], group[CLEAN]
+            for part, ds in ((NOISY, noisy), (CLEAN, clean)):
+                if ds.dtype.kind not in "biuf":
+                    raise ImageFileError(f"{path}: sample {name!r}: {part} holds {ds.dtype} values, not numbers")
+                _check(ds, path, f"{name}/{part}", allow_external, load=True)
             if noisy.shape != clean.shape or noisy.ndim not in (2, 3):
                 raise ImageFileError(
                     f"{path}: sample {name!r} needs noisy_im and clean_im of the same shape [T, H, W] or "
@@ -240,8 +313,17 @@ def _chunks(shape: tuple[int, ...]) -> tuple[int, ...] | None:
     return (1,) * (len(shape) - 2) + tuple(min(n, 512) for n in shape[-2:])
 
 
-def _write_dataset(group: h5py.Group, key: str, data: Any, attrs: dict[str, Any]) -> None:
-    """Copy ``data`` frame by frame along its first axis, so lazy sources are never loaded whole."""
+def _crc(a: np.ndarray, crc: int = 0) -> int:
+    """Running checksum of ``a``'s values (byte order and memory layout do not matter)."""
+    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    return zlib.crc32(a.reshape(-1).view(np.uint8), crc)
+
+
+def _write_dataset(group: h5py.Group, key: str, data: Any, attrs: dict[str, Any]) -> tuple:
+    """Copy ``data`` frame by frame along its first axis, so lazy sources are never loaded whole.
+
+    Returns what the file must give back: shape, data type and checksum.
+    """
     shape = tuple(data.shape)
     dtype = np.dtype(data.dtype)
     if dtype.kind not in "biuf":
@@ -250,19 +332,63 @@ def _write_dataset(group: h5py.Group, key: str, data: Any, attrs: dict[str, Any]
         key, shape=shape, dtype=dtype, chunks=_chunks(shape), compression="gzip", compression_opts=4,
         shuffle=len(shape) >= 2,
     )
+    crc = 0
     if len(shape) <= 2:
-        ds[...] = np.asarray(data)
+        values = np.asarray(data, dtype=dtype)
+        ds[...] = values
+        crc = _crc(values)
     else:
         for i in range(shape[0]):
-            ds[i] = np.asarray(data[i])
+            frame = np.asarray(data[i], dtype=dtype)
+            ds[i] = frame
+            crc = _crc(frame, crc)
     for name, value in attrs.items():
         if value is not None:
             ds.attrs[name] = value
+    return shape, dtype, crc
 
 
-def write_images_hdf5(path: str | os.PathLike, images: Sequence[Image]) -> None:
-    """Write each image as one dataset named ``image.name`` (``/`` makes groups)."""
-    with atomic_output(path, *(im.data for im in images)) as tmp, h5py.File(tmp, "w", track_order=True) as f:
+def _verify(path: Any, tmp: Any, expected: dict[str, tuple]) -> None:
+    """Read every written dataset back and compare it with what was written."""
+    try:
+        with h5py.File(tmp, "r") as f:
+            for key, (shape, dtype, crc) in expected.items():
+                ds = f.get(key)
+                if not isinstance(ds, h5py.Dataset) or tuple(ds.shape) != shape or ds.dtype != dtype:
+                    raise ImageFileError(f"{path}: could not be written: dataset {key!r} is incomplete on disk")
+                got = 0
+                if len(shape) <= 2:
+                    got = _crc(ds[()])
+                else:
+                    for i in range(shape[0]):
+                        got = _crc(ds[i], got)
+                if got != crc:
+                    raise ImageFileError(f"{path}: could not be written: dataset {key!r} reads back differently "
+                                         "(the disk may be full)")
+    except OSError as e:
+        raise ImageFileError(f"{path}: could not be written: the file does not read back ({e})") from None
+
+
+def _write_file(path: Any, overwrite: bool, inputs: Sequence[Any], fill: Any) -> None:
+    """Create the HDF5 file through :func:`~.atomic.atomic_path`: ``fill(file)`` returns what it wrote,
+    which is flushed, closed and read back before the file is put in place."""
+    with atomic_path(path, overwrite=overwrite, inputs=inputs) as tmp:
+        f = h5py.File(tmp, "w", track_order=True)
+        try:
+            expected = fill(f)
+            f.flush()
+        finally:
+            f.close()
+        _verify(path, tmp, expected)
+
+
+def write_images_hdf5(path: str | os.PathLike, images: Sequence[Image], overwrite: bool = False) -> None:
+    """Write each image as one dataset named ``image.name`` (``/`` makes groups).
+
+    An existing ``path`` is refused unless ``overwrite``; a file the images are read from, always.
+    """
+    def fill(f: h5py.File) -> dict[str, tuple]:
+        expected = {}
         for im in images:
             if im.name in f:
                 raise ImageFileError(f"{path}: two images named {im.name!r}")
@@ -272,7 +398,10 @@ def write_images_hdf5(path: str | os.PathLike, images: Sequence[Image]) -> None:
                 attrs["element_size_um"] = scale
             elif np.any(scale != 1.0):
                 attrs.update(scale=scale, unit=im.unit)
-            _write_dataset(f, im.name, im.data, attrs)
+            expected[im.name] = _write_dataset(f, im.name, im.data, attrs)
+        return expected
+
+    _write_file(path, overwrite, [im.data for im in images], fill)
 
 
 def write_hdf5(
@@ -281,13 +410,14 @@ def write_hdf5(
     data: Any,
     axes: str | None = None,
     scale: Sequence[float] | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Write one array as a chunked, gzip-compressed dataset with ``axes`` and
-    ``element_size_um`` (``scale`` in micrometres) attributes; replaces ``path``.
+    ``element_size_um`` (``scale`` in micrometres) attributes; replaces ``path`` only if ``overwrite``.
     """
     axes = axes or default_axes(len(data.shape))
     _check_key(path, key)
-    write_images_hdf5(path, [Image(data, key.strip("/"), axes, tuple(scale or ()), "um")])
+    write_images_hdf5(path, [Image(data, key.strip("/"), axes, tuple(scale or ()), "um")], overwrite)
 
 
 def _check_key(path: Any, key: str) -> None:
@@ -299,8 +429,10 @@ def write_training_pairs(
     path: str | os.PathLike,
     pairs: Sequence[tuple[Any, Any]],
     names: Sequence[str] | None = None,
+    overwrite: bool = False,
 ) -> None:
-    """Write ``(noisy, clean)`` arrays in the CNNT training layout, one group per sample.
+    """Write ``(noisy, clean)`` arrays in the CNNT training layout, one group per sample;
+    an existing ``path`` is replaced only if ``overwrite``.
 
     Default sample names (``sample_000``, ...) sort in the order given, which is
     the order the reference implementation reads them in.
@@ -320,13 +452,16 @@ def write_training_pairs(
                 f"{path}: sample {name!r} needs noisy and clean arrays of the same shape [T, H, W] or [H, W], "
                 f"got {tuple(noisy.shape)} and {tuple(clean.shape)}"
             )
-    sources = [a for pair in pairs for a in pair]
-    with atomic_output(path, *sources) as tmp, h5py.File(tmp, "w", track_order=True) as f:
+    def fill(f: h5py.File) -> dict[str, tuple]:
+        expected = {}
         for name, (noisy, clean) in zip(names, pairs):
             group = f.create_group(name, track_order=True)
             axes = default_axes(len(noisy.shape))
-            _write_dataset(group, NOISY, noisy, {"axes": axes})
-            _write_dataset(group, CLEAN, clean, {"axes": axes})
+            expected[f"{name}/{NOISY}"] = _write_dataset(group, NOISY, noisy, {"axes": axes})
+            expected[f"{name}/{CLEAN}"] = _write_dataset(group, CLEAN, clean, {"axes": axes})
+        return expected
+
+    _write_file(path, overwrite, [a for pair in pairs for a in pair], fill)
 
 
 __all__ = [

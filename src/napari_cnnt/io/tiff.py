@@ -3,7 +3,9 @@
 tifffile does the decoding; this module turns its series into
 :class:`~napari_cnnt.io.Image` records with axes and pixel sizes, and keeps
 large files on disk (memory-mapped when the pixels are stored contiguously,
-otherwise as a zarr view of the file that decodes on access).
+otherwise as a zarr view of the file that decodes on access). What a file
+declares is checked against its bytes and the memory before any pixel is
+read (:mod:`.limits`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import numpy as np
 import tifffile
 
 from .. import io as cnnt_io
-from . import Image, ImageFileError, atomic_output, default_axes, normalize_unit
+from . import Image, ImageFileError, default_axes, normalize_unit
+from .atomic import atomic_path
+from .limits import check_declared
 
 MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 IMAGEJ_DTYPES = (np.uint8, np.uint16, np.float32)
@@ -194,6 +198,17 @@ def _check_complete(path: Path, series: tifffile.TiffPageSeries) -> None:
                              f"the file has {size} bytes)")
 
 
+def _check_declared(path: Path, series: tifffile.TiffPageSeries, load: bool) -> None:
+    """The first plane's declared pixels against its stored bytes, and the series against the memory."""
+    page = series.keyframe
+    stored = sum(int(n) for n in (page.databytecounts or ()))
+    compressed = int(page.compression) != 1
+    size = path.stat().st_size
+    check_declared(path, "the image", tuple(page.shape), series.dtype, stored, size, compressed=compressed,
+                   load=False)
+    check_declared(path, "the image", tuple(series.shape), series.dtype, size, size, compressed=True, load=load)
+
+
 def read_tiff(path: str | os.PathLike, lazy_bytes: int | None = None) -> list[Image]:
     """One :class:`Image` per image series (usually one); series over ``lazy_bytes``
     (default :data:`~napari_cnnt.io.LAZY_BYTES`) stay on disk and are read on access.
@@ -225,6 +240,7 @@ def read_tiff(path: str | os.PathLike, lazy_bytes: int | None = None) -> list[Im
             if series not in all_series:
                 continue
             _check_complete(path, series)
+            _check_declared(path, series, load=series.nbytes <= threshold)
             axes = _axes(series)
             scale, unit, meta = _scale(tif, series, index, axes)
             data = None
@@ -242,6 +258,9 @@ def read_tiff(path: str | os.PathLike, lazy_bytes: int | None = None) -> list[Im
     except _READ_ERRORS as e:
         tif.close()
         raise ImageFileError(f"{path}: TIFF file is truncated or corrupt ({e})") from None
+    except MemoryError:
+        tif.close()
+        raise ImageFileError(f"{path}: not enough memory to read the image") from None
     if not keep_open:
         tif.close()
     return images
@@ -283,12 +302,14 @@ def write_tiff(
     scale: Sequence[float] | None = None,
     unit: str | None = "um",
     compression: str | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Write ``data`` as an ImageJ hyperstack where ImageJ can hold it (uint8, uint16
     or float32; axes from ``TZCYXS``; under 4 GB), else as OME-TIFF (BigTIFF when large).
 
     ``scale`` gives the step per axis (``unit`` for X, Y, Z; seconds for T).
-    Lazy arrays are written plane by plane. Replaces ``path`` atomically.
+    Lazy arrays are written plane by plane. Replaces an existing ``path`` only
+    if ``overwrite`` (atomically; never the file ``data`` is read from).
     """
     shape = tuple(data.shape)
     axes = axes.upper()
@@ -299,7 +320,7 @@ def write_tiff(
     size = dict(zip(axes, scale or (1.0,) * len(axes)))
     unit = normalize_unit(unit)
     dtype = np.dtype(data.dtype)
-    with atomic_output(path, data) as tmp:
+    with atomic_path(path, overwrite=overwrite, inputs=[data]) as tmp:
         if _imagej_ok(data, axes):
             order = "".join(a for a in IMAGEJ_AXES if a in axes)
             metadata: dict[str, Any] = {"axes": order}

@@ -45,6 +45,7 @@ import numpy as np
 import tifffile
 import torch
 
+from ..errors import CheckpointError
 from ..normalization import Normalization
 from .config import CNNTConfig, ConfigError
 from .denoiser import CNNTDenoiser
@@ -69,7 +70,7 @@ DEFAULT_AUTHOR = "napari-cnnt user"
 DEFAULT_NAME = "CNNT time-lapse denoiser"
 
 
-class PackageError(ValueError):
+class PackageError(CheckpointError):
     """A bioimage.io package that cannot be written or read as a CNNT model."""
 
 
@@ -110,9 +111,10 @@ def save_package(
     description: str | None = None,
     authors: Sequence[str] | None = None,
     test_input: Any | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` as a bioimage.io model package: a zip file if ``path`` ends in ``.zip``,
-    otherwise a folder. Returns ``path``.
+    otherwise a folder. Returns ``path``. An existing package is replaced only if ``overwrite``.
 
     ``provenance`` is what ``save_model`` would record in a napari-cnnt file;
     it goes into the package's ``config`` and its documentation.
@@ -120,10 +122,14 @@ def save_package(
     axes: the first stack) whose centre becomes the test tensor (default:
     the synthetic sample).
     """
-    spec = _spec()
+    from ..io.atomic import check_output
+
     path = Path(path)
     if path.exists() and not (path.is_dir() if path.suffix.lower() != ".zip" else path.is_file()):
         raise PackageError(f"{path}: exists and is not a {'zip file' if path.suffix.lower() == '.zip' else 'folder'}")
+    if path.exists() and not overwrite:
+        check_output(path, overwrite=False, error=PackageError)
+    spec = _spec()
     model = copy.deepcopy(model).cpu().eval()  # the caller's model stays where and as it is
     config = model.config
     raw = _test_stack(config, test_input)

@@ -18,6 +18,33 @@ class ConfigError(ValueError):
     """A model configuration that cannot describe a working network."""
 
 
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+_INT_FIELDS = ("blocks_per_set", "n_head", "kernel_size", "stride", "padding", "time", "height", "width")
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A yes/no setting from JSON: a bool, 0/1 or the words true/false; anything else is refused
+    (``bool("false")`` is true, which would turn a feature on that the file turns off)."""
+    if isinstance(value, (bool, int)) and not isinstance(value, float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(f"invalid CNNT configuration: {name} must be true or false, got {value!r}")
+
+
+def _whole(name: str, value: Any) -> int:
+    """A count from JSON: an int (or a whole float, or its digits); fractions are refused, not truncated."""
+    if isinstance(value, bool):
+        raise ConfigError(f"invalid CNNT configuration: {name} must be a whole number, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise ConfigError(f"invalid CNNT configuration: {name} must be a whole number, got {value!r}")
+
+
 @dataclass(frozen=True)
 class CNNTConfig:
     """Hyper-parameters of the CNNT denoiser (``docs/cnnt.md`` sections 1-5).
@@ -46,11 +73,23 @@ class CNNTConfig:
 
     def __post_init__(self) -> None:
         # Accept lists (from JSON) but store tuples, so configs stay hashable.
-        object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
-        object.__setattr__(self, "pre_channels", tuple(int(c) for c in self.pre_channels))
-        object.__setattr__(self, "with_mixer", bool(self.with_mixer))
-        object.__setattr__(self, "is_causal", bool(self.is_causal))
-        object.__setattr__(self, "no_residual", bool(self.no_residual))
+        for name in ("blocks", "pre_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"invalid CNNT configuration: {name} must be a list of channel counts, "
+                                  f"got {value!r}")
+            object.__setattr__(self, name, tuple(_whole(name, b) for b in value))
+        for name in _INT_FIELDS:
+            object.__setattr__(self, name, _whole(name, getattr(self, name)))
+        for name in ("with_mixer", "is_causal", "no_residual"):
+            object.__setattr__(self, name, _flag(name, getattr(self, name)))
+        if not isinstance(self.norm_mode, str):
+            raise ConfigError(f"invalid CNNT configuration: norm_mode must be a name, got {self.norm_mode!r}")
+        try:
+            object.__setattr__(self, "dropout_p", float(self.dropout_p))
+        except (TypeError, ValueError):
+            raise ConfigError(f"invalid CNNT configuration: dropout_p must be a number, "
+                              f"got {self.dropout_p!r}") from None
         self._validate()
 
     @property
@@ -110,7 +149,7 @@ class CNNTConfig:
                 "would change the image size, but the residual connections need it unchanged "
                 f"(use stride=1, padding={self.kernel_size // 2})"
             )
-        if not 0.0 <= self.dropout_p < 1.0:
+        if not 0.0 <= self.dropout_p < 1.0:  # also refuses NaN
             fail(f"dropout_p must be in [0, 1), got {self.dropout_p}")
         if self.norm_mode not in NORM_MODES:
             fail(f"norm_mode must be one of {', '.join(NORM_MODES)}, got {self.norm_mode!r}")
@@ -142,7 +181,10 @@ class CNNTConfig:
 
     @classmethod
     def from_json(cls, text: str) -> CNNTConfig:
-        return cls.from_dict(json.loads(text))
+        d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ConfigError(f"a CNNT configuration is a JSON object, got {type(d).__name__}")
+        return cls.from_dict(d)
 
     @classmethod
     def from_reference(cls, run: dict[str, Any]) -> CNNTConfig:
