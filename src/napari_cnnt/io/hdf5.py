@@ -19,6 +19,7 @@ writes only when a dataset is freed, after the file closed "successfully".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -304,6 +305,19 @@ def read_training_pairs(
         f.close()
         raise
     return pairs
+
+
+@contextlib.contextmanager
+def open_training_pairs(
+    path: str | os.PathLike, allow_external: bool = False,
+) -> Iterator[list[tuple[str, h5py.Dataset, h5py.Dataset]]]:
+    """``with open_training_pairs(path) as pairs:`` :func:`read_training_pairs`, with the file
+    closed when the block ends, so no caller has to find the file behind the datasets."""
+    pairs = read_training_pairs(path, allow_external)
+    try:
+        yield pairs
+    finally:
+        pairs[0][1].file.close()
 
 
 def _chunks(shape: tuple[int, ...]) -> tuple[int, ...] | None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io.hdf5 import read_training_pairs
+from ..io.hdf5 import open_training_pairs
 from ..normalization import Normalization
 
 # Foreground test of the reference: a patch is kept if at least AREA_THRES of
@@ -164,17 +164,15 @@ def samples_from_pairs(pairs: Iterable[Any], normalization: Normalization, prefi
 
 def h5_keys(path: str | os.PathLike) -> list[str]:
     """The sample groups of a CNNT HDF5 file, in the order the reference reads them."""
-    pairs = read_training_pairs(path)
-    pairs[0][1].file.close()
-    return [name for name, _, _ in pairs]
+    with open_training_pairs(path) as pairs:
+        return [name for name, _, _ in pairs]
 
 
 def samples_from_h5(
     path: str | os.PathLike, normalization: Normalization, keys: Sequence[str] | None = None
 ) -> list[Sample]:
     """Read the groups ``keys`` (default: all) of a CNNT HDF5 file into memory, normalised."""
-    pairs = read_training_pairs(path)
-    try:
+    with open_training_pairs(path) as pairs:
         by_name = {name: (noisy, clean) for name, noisy, clean in pairs}
         keys = list(by_name) if keys is None else list(keys)
         missing = [k for k in keys if k not in by_name]
@@ -184,8 +182,6 @@ def samples_from_h5(
         return [
             s for k in keys for s in make_samples(f"{name}:{k}", by_name[k][0][()], by_name[k][1][()], normalization)
         ]
-    finally:
-        pairs[0][1].file.close()
 
 
 # ----------------------------------------------------------------------------- split

@@ -35,7 +35,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog
 
 from ...io import ImageFileError
-from ...io.hdf5 import read_training_pairs
+from ...io.hdf5 import open_training_pairs
 from ...losses import LOSSES
 from ...model.bioimageio import save_package
 from ...model.checkpoint import CheckpointError, provenance_of, save_model
@@ -254,12 +254,9 @@ def file_data(path: Path | None, first: int, n_val: int) -> TrainingData:
 
 def _h5_reader(path: Path, key: str) -> Callable[[], tuple]:
     def read() -> tuple:
-        pairs = read_training_pairs(path)
-        try:
+        with open_training_pairs(path) as pairs:
             noisy, clean = next((n, c) for name, n, c in pairs if name == key)
             return noisy[()], clean[()]
-        finally:
-            pairs[0][1].file.close()
     return read
 
 
