@@ -15,9 +15,7 @@ import napari_cnnt
 from napari_cnnt import load_model
 from napari_cnnt.io.hdf5 import write_training_pairs
 from napari_cnnt.napari.widgets import MODELS, add_model, finetune as finetune_widget
-from napari_cnnt.napari.widgets.finetune import (
-    FILE, NO_CLEAN, UserError, parse_learning_rate, parse_losses, parse_patch_sizes,
-)
+from napari_cnnt.napari.widgets.finetune_setup import FILE, NO_CLEAN
 from napari_cnnt.runtime import Runtime
 
 pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("one_torch_thread")]
@@ -350,20 +348,3 @@ def test_a_noisy_layer_alone_trains_self_supervised(make_napari_viewer, qtbot, t
     # A clean layer again: back to the recipe for pairs.
     widget.clean.value = clean
     assert widget.recipe.value == "few-sample"
-
-
-def test_parsing_the_text_fields():
-    assert parse_losses("ssim 1.0, mse 0.1") == (["ssim", "mse"], [1.0, 0.1])
-    assert parse_losses("SSIM3d; l1*0.5") == (["ssim3D", "l1"], [1.0, 0.5])
-    assert parse_patch_sizes("128, 160x96") == [(128, 128), (160, 96)]
-    assert parse_patch_sizes(" Auto ") is None
-    assert parse_learning_rate("2.5e-5") == 2.5e-5
-    for bad in ("", "ssim one", "ssim 1 2", "ssim, psnr"):
-        with pytest.raises(UserError):
-            parse_losses(bad)
-    for bad in ("", "a", "128x", "0", "1x2x3"):
-        with pytest.raises(UserError):
-            parse_patch_sizes(bad)
-    for bad in ("0", "fast", "1.5"):
-        with pytest.raises(UserError):
-            parse_learning_rate(bad)

@@ -3,11 +3,11 @@
 Each widget collects parameters, calls :func:`napari_cnnt.denoise` or
 :func:`napari_cnnt.finetune` on a worker thread, and turns progress and
 errors into what the user sees. ``models.MODELS`` lists the models both
-widgets can use during a napari session.
+widgets can use during a napari session. The public names (declared in
+``__init__.pyi``) load on first use, so the Qt-free modules here
+(``finetune_setup``, ``_messages``, ``models``) import without Qt.
 """
 
-from .denoise import DenoiseWidget
-from .finetune import FinetuneWidget
-from .models import MODELS, ModelEntry, add_file, add_model
+import lazy_loader
 
-__all__ = ["MODELS", "DenoiseWidget", "FinetuneWidget", "ModelEntry", "add_file", "add_model"]
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

@@ -19,10 +19,9 @@ from napari.utils.notifications import show_error, show_info
 from ...inference import Cancelled, auto_tile, denoise
 from ...model.checkpoint import CheckpointError
 from ...runtime import Runtime
-from ._common import (
-    ModelChooser, ProgressDisplay, clock, compact, device_widgets, explain, follow_layer_list, sentence,
-)
+from ._common import ModelChooser, ProgressDisplay, compact, device_widgets, follow_layer_list
 from ._jobs import Job, Outcome
+from ._messages import UserError, clock, explain, sentence
 
 if TYPE_CHECKING:
     import napari
@@ -30,10 +29,6 @@ if TYPE_CHECKING:
 NO_TIME = -1  # the time-axis choice of a single 2-D image
 SPATIAL = {"z", "y", "x"}
 MEMORY_HINT = "Try a smaller tile size or batch size, or the CPU."
-
-
-class UserError(ValueError):
-    """A problem with the user's choices, worded for the user."""
 
 
 def default_time_axis(labels: Any, ndim: int) -> int | None:

@@ -16,271 +16,48 @@ noisy layer.
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from magicgui.widgets import (
     ComboBox, Container, FileEdit, Label, LineEdit, PushButton, RadioButtons, SpinBox,
 )
-from qtpy.QtCore import QTimer
 from napari.layers import Image, Shapes
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog
 
-from ...io import ImageFileError
-from ...io.hdf5 import open_training_pairs
 from ...losses import LOSSES
 from ...model.bioimageio import save_package
 from ...model.checkpoint import CheckpointError, provenance_of, save_model
 from ...runtime import Runtime
 from ...training.api import finetune, prepare_run
-from ...training.data import h5_keys
 from ...training.history import Progress
-from ...training.plan import SettingError, estimate_time, minutes_text
+from ...training.plan import SettingError, estimate_time
 from ...training.recipes import DEFAULT_FINETUNE, RECIPES, Recipe
-from ._common import (
-    ModelChooser, ProgressDisplay, compact, device_widgets, explain, follow_layer_list, sentence, shape_text,
-)
+from ._common import ModelChooser, ProgressDisplay, compact, device_widgets, follow_layer_list
 from ._jobs import Job, Outcome
+from ._messages import UserError, explain, sentence
 from ._plot import LossPlot
-from .denoise import DenoiseRequest, DenoiseRun, UserError
-from .models import ModelEntry, add_model
+from .denoise import DenoiseRequest, DenoiseRun
+from .finetune_setup import (
+    AUTO, FILE, FINETUNE_RECIPES, LAYERS, MEMORY_HINT, NO_CLEAN, SELF_SUPERVISED, SETTING_NAMES, WHOLE,
+    FinetuneResult, FinetuneRun, TrainingData, default_held_out, estimate_text, file_data, finetune_options,
+    layers_data, recipe_controls, summary,
+)
+from .models import add_model
 
 if TYPE_CHECKING:
     import napari
 
-LAYERS, FILE = "Image layers", "HDF5 training file"
-WHOLE = "whole images"
-MEMORY_HINT = "Try a smaller batch size, smaller patches or a shorter time window."
-AUTO = "auto"
-FINETUNE_RECIPES = ("few-sample", "self-supervised", "reference")
-NO_CLEAN = "none: learn from the noisy layer itself"
-SELF_SUPERVISED = "self-supervised"
-# How the controls name the settings a refusal is about.
-SETTING_NAMES = {"patch_sizes": "'Patch sizes'", "val_patch_size": "'Patch sizes'", "batch_size": "'Batch size'",
-                 "time": "'Time window'", "epochs": "'Epochs'", "lr": "'Learning rate'",
-                 "steps_per_epoch": "'Steps per epoch'"}
 PACKAGE_SUFFIX = ".zip"
 SAVE_FORMATS = {  # the save dialog's file types and the suffix each writes
     "napari-cnnt model (*.safetensors)": ".safetensors",
     "bioimage.io model package (*.zip)": PACKAGE_SUFFIX,
 }
-
-
-# ----------------------------------------------------------------------------- parsing
-def parse_losses(text: str) -> tuple[list[str], list[float]]:
-    """``"ssim 1.0, mse 0.1"`` -> ``(["ssim", "mse"], [1.0, 0.1])``; a missing weight is 1."""
-    names, weights = [], []
-    lookup = {k.lower(): k for k in LOSSES}
-    for part in filter(None, (p.strip() for p in text.replace(";", ",").split(","))):
-        words = part.replace("*", " ").split()
-        try:
-            name, weight = words[0], float(words[1]) if len(words) > 1 else 1.0
-            if len(words) > 2 or name.lower() not in lookup:
-                raise ValueError
-        except (ValueError, IndexError):
-            raise UserError(
-                f"'{part}' is not a loss: write name and weight pairs separated by commas, e.g. "
-                f"'ssim 1.0, mse 0.1'; the losses are {', '.join(LOSSES)}."
-            ) from None
-        names.append(lookup[name.lower()])
-        weights.append(weight)
-    if not names:
-        raise UserError("Give at least one loss, e.g. 'ssim 1.0, mse 0.1'.")
-    return names, weights
-
-
-def parse_patch_sizes(text: str) -> list[tuple[int, int]] | None:
-    """``"128, 160"`` or ``"128x96"`` -> ``[(128, 128), (160, 160)]`` / ``[(128, 96)]``; ``"auto"`` -> None."""
-    if text.strip().lower() == AUTO:
-        return None
-    sizes = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        match = re.fullmatch(r"(\d+)\s*(?:[x\u00d7]\s*(\d+))?", part.lower())
-        if match is None or int(match[1]) < 1 or int(match[2] or match[1]) < 1:
-            raise UserError(
-                f"'{part}' is not a patch size: write sizes in pixels separated by commas, e.g. '128, 160' "
-                "or '128x96'."
-            )
-        sizes.append((int(match[1]), int(match[2] or match[1])))
-    if not sizes:
-        raise UserError("Give at least one patch size, e.g. '128, 160', or 'auto'.")
-    return sizes
-
-
-def parse_learning_rate(text: str) -> float:
-    try:
-        lr = float(text)
-        if not 0 < lr < 1:
-            raise ValueError
-    except ValueError:
-        raise UserError(f"The learning rate must be a number between 0 and 1, e.g. 2.5e-5; got '{text}'.") from None
-    return lr
-
-
-def _format_losses(names: tuple[str, ...], weights: tuple[float, ...]) -> str:
-    return ", ".join(f"{n} {w:g}" for n, w in zip(names, weights))
-
-
-def _format_patches(sizes: tuple[tuple[int, int], ...]) -> str:
-    return ", ".join(str(h) if h == w else f"{h}x{w}" for h, w in sizes)
-
-
-# ----------------------------------------------------------------------------- training data
-@dataclass
-class TrainingData:
-    """The samples chosen in the widget, read into memory only on the worker thread.
-
-    Each item of ``items`` is ``(name, read)`` where ``read()`` returns
-    ``(noisy, clean)`` or ``(noisy, clean, roi)``; the last ``n_val`` validate.
-    ``title`` names the data in short (for the model's name), ``source`` in full.
-    """
-
-    items: list[tuple[str, Callable[[], tuple]]]
-    n_val: int
-    title: str
-    source: str
-
-    def names(self) -> list[str]:
-        return [name for name, _ in self.items]
-
-    def split_text(self) -> str:
-        names, k = self.names(), self.n_val
-        if not names:
-            return "No training samples."
-        if k == 0:
-            return (f"{_count(len(names))} train; the last quarter of each (its width, height or frames) "
-                    "validates.")
-        return f"Training on {_list(names[:-k])}; validating on {_list(names[-k:])}."
-
-    def load(self) -> tuple[list[tuple], list[tuple] | str]:
-        """Training pairs and validation pairs, or ``"regions"`` when a part of each sample validates."""
-        pairs = [read() for _, read in self.items]
-        if self.n_val == 0:
-            return pairs, "regions"
-        return pairs[: -self.n_val], pairs[-self.n_val:]
-
-
-def _count(n: int) -> str:
-    return "1 sample" if n == 1 else f"{n} samples"
-
-
-def _list(names: list[str], limit: int = 4) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def layer_rois(shapes: Shapes, image: Image) -> list[tuple[int, int, int, int]]:
-    """The bounding boxes ``(top, left, bottom, right)`` of the shapes, in the image's pixels."""
-    s_scale, s_shift = np.asarray(shapes.scale)[-2:], np.asarray(shapes.translate)[-2:]
-    i_scale, i_shift = np.asarray(image.scale)[-2:], np.asarray(image.translate)[-2:]
-    height, width = image.data.shape[-2:]
-    rois = []
-    for vertices in shapes.data:
-        yx = (np.asarray(vertices)[:, -2:] * s_scale + s_shift - i_shift) / i_scale
-        top, left = np.floor(yx.min(axis=0)).astype(int)
-        bottom, right = np.ceil(yx.max(axis=0)).astype(int)
-        top, left, bottom, right = max(top, 0), max(left, 0), min(bottom, height), min(right, width)
-        if bottom > top and right > left:
-            rois.append((int(top), int(left), int(bottom), int(right)))
-    return rois
-
-
-def _layer_pair(noisy: Any, clean: Any, index: int | None, roi: Any) -> Callable[[], tuple]:
-    def read() -> tuple:
-        n, c = (None if a is None else np.asarray(a if index is None else a[index]) for a in (noisy, clean))
-        return (n, c) if roi is None else (n, c, roi)
-    return read
-
-
-def layers_data(noisy: Image | None, clean: Any, first: int, regions: Any, n_val: int) -> TrainingData:
-    """Samples from a noisy and a clean layer (``clean`` :data:`NO_CLEAN`: the noisy layer alone):
-    ``[T, Y, X]`` (one sample) or ``[S, T, Y, X]``."""
-    alone = clean == NO_CLEAN
-    if noisy is None or clean is None:
-        raise UserError("Choose a noisy and a clean image layer (open the sample data to try it out).")
-    if noisy is clean:
-        raise UserError(f"The noisy and the clean layer are both '{noisy.name}': choose two different layers, "
-                        f"or Clean '{NO_CLEAN}'.")
-    for layer in (noisy,) if alone else (noisy, clean):
-        if layer.rgb or layer.multiscale or not 2 <= layer.ndim <= 4:
-            raise UserError(
-                f"'{layer.name}' cannot be used for training: it must be a single-channel [T, Y, X] stack, "
-                "or [samples, T, Y, X]."
-            )
-    if not alone and tuple(noisy.data.shape) != tuple(clean.data.shape):
-        raise UserError(
-            f"The noisy and clean layers must have the same shape: '{noisy.name}' is "
-            f"{shape_text(noisy.data.shape)}, '{clean.name}' is {shape_text(clean.data.shape)}."
-        )
-    indices = [None] if noisy.ndim < 4 else list(range(noisy.data.shape[0]))
-    if first > 0:
-        indices = indices[:first]
-    rois: list[Any] = [None]
-    if isinstance(regions, Shapes):
-        rois = layer_rois(regions, noisy)
-        if not rois:
-            raise UserError(f"No shape in '{regions.name}' lies on '{noisy.name}': draw rectangles on the image.")
-    items = []
-    for i in indices:
-        for j, roi in enumerate(rois):
-            name = noisy.name + ("" if i is None else f" #{i}") + ("" if roi is None else f" region {j + 1}")
-            items.append((name, _layer_pair(noisy.data, None if alone else clean.data, i, roi)))
-    source = (f"layer '{noisy.name}' (noisy, no clean image)" if alone
-              else f"layers '{noisy.name}' (noisy) and '{clean.name}' (clean)")
-    return TrainingData(items, _check_val(n_val, len(items)), noisy.name, source)
-
-
-def file_data(path: Path | None, first: int, n_val: int) -> TrainingData:
-    """Samples from the groups of a CNNT HDF5 training file, in file order."""
-    if path is None or not Path(path).is_file():
-        raise UserError("Choose a CNNT HDF5 training file (one group per sample, with noisy_im and clean_im).")
-    try:
-        keys = h5_keys(path)
-    except (ImageFileError, OSError) as e:
-        raise UserError(sentence(f"This training file cannot be used: {e}")) from None
-    if first > 0:
-        keys = keys[:first]
-    items = [(f"{Path(path).name}:{k}", _h5_reader(path, k)) for k in keys]
-    return TrainingData(items, _check_val(n_val, len(items)), Path(path).name, f"file {Path(path).name}")
-
-
-def _h5_reader(path: Path, key: str) -> Callable[[], tuple]:
-    def read() -> tuple:
-        with open_training_pairs(path) as pairs:
-            noisy, clean = next((n, c) for name, n, c in pairs if name == key)
-            return noisy[()], clean[()]
-    return read
-
-
-def _check_val(n_val: int, n: int) -> int:
-    if n > 0 and n_val >= n:
-        raise UserError(
-            f"Only {n} sample(s) are in use, so at most {n - 1} can be held out for validation "
-            "(0: the last quarter of every sample validates)."
-        )
-    return n_val
-
-
-def default_held_out(n: int) -> int:
-    """As ``finetune`` does: with up to three samples a part of each validates (0), with more a fifth."""
-    from ...training.data import held_out_count
-
-    return held_out_count(n)
-
-
-@dataclass
-class FinetuneResult:
-    entry: ModelEntry
-    history: Any
-    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- the widget
@@ -357,9 +134,7 @@ class FinetuneWidget(Container):
 
         self.job: Job | None = None
         self.denoising: DenoiseRun | None = None
-        self.result: FinetuneResult | None = None
-        self.records: list[dict[str, float]] = []
-        self._run_info: dict[str, Any] = {}
+        self.run: FinetuneRun | None = None  # the current or last run
         self._watched: Shapes | None = None
         self._n_samples = -1
         self.estimating: Job | None = None
@@ -470,6 +245,16 @@ class FinetuneWidget(Container):
 
     # ------------------------------------------------------------------ training
     @property
+    def result(self) -> FinetuneResult | None:
+        """The last run's result, while it is the last run."""
+        return None if self.run is None else self.run.result
+
+    @property
+    def records(self) -> list[dict[str, float]]:
+        """The current or last run's epochs."""
+        return [] if self.run is None else self.run.records
+
+    @property
     def busy(self) -> bool:
         return self.job is not None or self.denoising is not None
 
@@ -479,34 +264,14 @@ class FinetuneWidget(Container):
 
     def use_recipe(self, *_: Any) -> None:
         """Set the controls to the chosen recipe's values ("auto" where it leaves them to the data)."""
-        recipe = self.chosen_recipe
-        r = recipe.settings
-        self.epochs.value = r.epochs
-        self.steps.value = r.steps_per_epoch
-        self.lr.value = f"{r.lr:g}"
-        self.losses.value = _format_losses(r.loss, r.loss_weights)
-        self.patch_sizes.value = AUTO if "patch_sizes" in recipe.auto else _format_patches(r.patch_sizes)
-        self.time.value = 0 if "time" in recipe.auto else r.time
-        self.batch_size.value = 0 if "batch_size" in recipe.auto else r.batch_size
+        for name, value in recipe_controls(self.chosen_recipe).items():
+            getattr(self, name).value = value
 
     def settings(self) -> dict[str, Any]:
         """``finetune`` options from the controls: the values that differ from the recipe's
         (automatic ones left out); raises :class:`UserError`."""
-        names, weights = parse_losses(self.losses.value)
-        r = self.chosen_recipe.settings
-        values = {
-            "epochs": self.epochs.value,
-            "steps_per_epoch": self.steps.value,
-            "lr": parse_learning_rate(self.lr.value),
-            "loss": tuple(names),
-            "loss_weights": tuple(weights),
-            "patch_sizes": parse_patch_sizes(self.patch_sizes.value),
-            "time": self.time.value or None,
-            "batch_size": self.batch_size.value or None,
-        }
-        if values["patch_sizes"] is not None:
-            values["patch_sizes"] = tuple(values["patch_sizes"])
-        return {k: v for k, v in values.items() if v is not None and v != getattr(r, k)}
+        controls = {name: getattr(self, name).value for name in recipe_controls(self.chosen_recipe)}
+        return finetune_options(self.chosen_recipe, controls)
 
     # ------------------------------------------------------------------ the estimate
     def _schedule_estimate(self, *_: Any) -> None:
@@ -583,10 +348,8 @@ class FinetuneWidget(Container):
                             stop=stop, **settings)
 
         self._estimate_timer.stop()
-        self.records = []
-        epochs = settings.get("epochs", self.chosen_recipe.settings.epochs)
-        self.plot.set_records([], epochs)
-        self._run_info = {"entry": entry, "data": data, "settings": {"recipe": recipe, **settings}}
+        self.run = FinetuneRun(entry, data, recipe, settings)
+        self.plot.set_records([], self.run.epochs)
         self.job = Job(task, on_report=self._report, on_end=self._ended, keep=lambda p: p.event == "epoch")
         self._set_busy(True)
         self.progress.start(f"Fine-tuning '{entry.name}'")
@@ -603,13 +366,13 @@ class FinetuneWidget(Container):
         done, total = (p.epoch - 1) * p.steps + p.step, p.epochs * p.steps
         self.progress.update(done, total, f"epoch {p.epoch} of {p.epochs}, step {p.step} of {p.steps}, "
                                           f"loss {p.loss:.4g}")
-        if p.event == "epoch" and p.record is not None:
-            self.records.append(dict(p.record))
-            self.plot.set_records(self.records, p.epochs)
+        if p.event == "epoch" and p.record is not None and self.run is not None:
+            self.run.records.append(dict(p.record))
+            self.plot.set_records(self.run.records, p.epochs)
 
     def _ended(self, outcome: Outcome) -> None:
         self.job = None
-        info = self._run_info
+        run = self.run
         if outcome.error is not None:
             self.progress.finish("Failed.")
             error = outcome.error
@@ -618,11 +381,9 @@ class FinetuneWidget(Container):
             show_error(explain(error, "Fine-tuning", MEMORY_HINT))
         else:
             model, history = outcome.value
-            data: TrainingData = info["data"]
-            entry = add_model(model, f"{info['entry'].name} fine-tuned on {data.title}")
-            provenance = {"training_source": data.source, "fine_tuning": dict(info["settings"])}
-            self.result = FinetuneResult(entry, history, provenance)
-            message = _summary(history, model.metadata["training"]["epochs"])
+            entry = add_model(model, run.model_name())
+            run.result = FinetuneResult(entry, history, run.provenance())
+            message = summary(history, model.metadata["training"]["epochs"])
             self.progress.finish(message)
             show_info(f"{message} '{entry.name}' is now in the Denoise widget's model list.")
         self._set_busy(False)
@@ -723,23 +484,3 @@ class FinetuneWidget(Container):
         self.model.detach()
 
 
-def estimate_text(plan: Any, estimate: Any) -> str:
-    """E.g. "About 6 min on this machine: 120 steps of 4 x 16 x 64 x 64, peak memory about 2.1 GB."."""
-    s = plan.settings
-    h, w = max(s.patch_sizes, key=lambda hw: hw[0] * hw[1])
-    text = (f"About {minutes_text(estimate.seconds)} on this machine: {estimate.steps} steps of "
-            f"{s.batch_size} x {s.time} x {h} x {w}, peak memory about {estimate.peak_bytes / 2**30:.1f} GB.")
-    return " ".join([text, *(sentence(n) for n in plan.notes)])
-
-
-def _summary(history: Any, epochs: int) -> str:
-    psnr = history.best.get("val_psnr")
-    quality = f" (validation PSNR {psnr:.1f} dB)" if psnr is not None and math.isfinite(psnr) else ""
-    kept = history.summary()
-    if not history.kept_start:
-        kept += quality
-    if history.stopped:
-        return f"Stopped after {len(history)} of {epochs} epochs; {kept}."
-    if history.early:
-        return f"Ended after {len(history)} of {epochs} epochs, as validation stopped improving; {kept}."
-    return f"Finished {epochs} epoch{'s' if epochs != 1 else ''}; {kept}."
