@@ -31,7 +31,8 @@ from napari_cnnt.runtime import Runtime
 from napari_cnnt.synthetic import random_recording
 from napari_cnnt.training.api import evaluate
 from napari_cnnt.training.data import make_samples
-from napari_cnnt.training.trainer import Trainer, TrainSettings
+from napari_cnnt.training.settings import TrainSettings
+from napari_cnnt.training.trainer import Trainer
 
 SHAPE = (16, 128, 128)
 STRUCTURES = ("nucleus", "filaments", "puncta")

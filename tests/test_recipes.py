@@ -5,7 +5,6 @@ import os
 import numpy as np
 
 import pytest
-import torch
 
 import napari_cnnt
 from napari_cnnt.model import CNNTDenoiser, preset
@@ -15,7 +14,7 @@ from napari_cnnt.synthetic import BACKBONE_STRUCTURES, STRUCTURES, simulate
 from napari_cnnt.training.data import Sample
 from napari_cnnt.training.plan import SettingError, estimate_time, plan_run, step_bytes
 from napari_cnnt.training.recipes import FEW_SAMPLE, RECIPES, REFERENCE
-from napari_cnnt.training.trainer import TrainSettings
+from napari_cnnt.training.settings import TrainSettings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -3,7 +3,9 @@ from .data import PatchSampler, Sample, Split, samples_from_h5, samples_from_pai
 from .history import History, Progress
 from .plan import Estimate, SettingError
 from .recipes import RECIPES, Recipe, get_recipe
-from .trainer import CheckpointMismatch, Trainer, TrainSettings, load_checkpoint_model
+from .checkpoints import CheckpointMismatch, load_checkpoint_model
+from .settings import TrainSettings
+from .trainer import Trainer
 
 __all__ = [
     "CheckpointMismatch",

@@ -19,7 +19,8 @@ from .data import Sample, Split, samples_from_h5, samples_from_pairs, split_samp
 from .history import History, Progress
 from .plan import Plan, fit_to_time, plan_run
 from .recipes import DEFAULT_TRAIN, FEW_SAMPLE, Recipe, get_recipe, recipe_for
-from .trainer import Trainer, TrainSettings, metrics
+from .settings import TrainSettings
+from .trainer import Trainer, metrics
 
 
 def _is_path(x: Any) -> bool:
@@ -88,7 +89,7 @@ def prepare_run(
 
 def planned_epochs(checkpoint: str | os.PathLike) -> int:
     """The epochs a checkpointed run with a time budget was planned with."""
-    from .trainer import read_training_checkpoint
+    from .checkpoints import read_training_checkpoint
 
     return int(json.loads(read_training_checkpoint(checkpoint)["fingerprint"])["settings"]["epochs"])
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from .data import Sample
 from .recipes import Recipe
-from .trainer import TrainSettings
+from .settings import TrainSettings
 
 # Peak memory of one training step (forward, float32 loss, backward, AdamW) in
 # float32 values per input voxel, as a multiple of what inference needs

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .trainer import TrainSettings
+from .settings import TrainSettings
 
 # Settings a recipe may leave to the data and the machine.
 AUTO_SETTINGS = ("patch_sizes", "time", "batch_size", "val_patch_size")
