@@ -130,7 +130,7 @@ def one_run(spec: dict) -> dict:
         recipe = "few-sample" if spec["method"] == "defaults" else "reference"
         steps = []
         model, history = napari_cnnt.finetune(backbone, pairs, recipe, device="cpu", fast=fast,
-                                              callback=lambda p: steps.append(1) if p.event == "step" else None)
+                                              progress=lambda p: steps.append(1) if p.event == "step" else None)
         row.update(recipe=recipe, steps=len(steps), epochs_run=len(history), best_epoch=history.best_epoch,
                    outcome=history.summary())
         row["val"] = [history.initial.get("val_psnr")] + history["val_psnr"]

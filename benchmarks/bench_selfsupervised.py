@@ -231,7 +231,7 @@ def one_run(spec: dict) -> dict:
             counted = []
             training = [n for n, _ in data] if method == "self-supervised" else pairs(structure, photons)
             model, history = napari_cnnt.finetune(
-                backbone, training, callback=lambda p: counted.append(1) if p.event == "step" else None)
+                backbone, training, progress=lambda p: counted.append(1) if p.event == "step" else None)
             row.update(steps=len(counted), outcome=history.summary())
             extra = {"metric": history.metric, "initial": history.initial.get(history.metric),
                      "val": history[history.metric], "best_epoch": history.best_epoch, "notes": history.notes,

@@ -43,7 +43,7 @@ def steps_per_second(model, pairs, args, fast: bool) -> float:
     napari_cnnt.finetune(
         model, pairs, val_pairs=pairs[:1], epochs=1, lr=1e-4, patch_sizes=(args.size,), time=args.frames,
         batch_size=args.batch, patches_per_sample=(args.steps + 1) * args.batch // len(pairs) + 1,
-        val_patches_per_sample=1, device=args.device, fast=fast, callback=on_step, stop=done,
+        val_patches_per_sample=1, device=args.device, fast=fast, progress=on_step, stop=done,
     )
     return args.steps / (stamps[args.steps] - stamps[0])
 

@@ -352,15 +352,15 @@ def test_progress_is_reported_after_every_batch():
 def test_cancel_stops_between_batches_and_leaves_the_input_alone():
     image = rng_stack((9, 40, 40))
     before = image.copy()
-    cancel = threading.Event()
+    stop = threading.Event()
     calls = []
 
     def progress(done, total):
         calls.append(done)
-        cancel.set()
+        stop.set()
 
     with pytest.raises(Cancelled):
-        denoise(image, tiny_model(), tile=(4, 16, 16), batch_size=2, device=EXACT, progress=progress, cancel=cancel)
+        denoise(image, tiny_model(), tile=(4, 16, 16), batch_size=2, device=EXACT, progress=progress, stop=stop)
     assert calls == [2]
     np.testing.assert_array_equal(image, before)
 
@@ -368,8 +368,18 @@ def test_cancel_stops_between_batches_and_leaves_the_input_alone():
 def test_cancel_before_the_start_runs_nothing():
     out = np.full((4, 16, 16), -1, dtype=np.float32)
     with pytest.raises(Cancelled):
-        denoise(rng_stack((4, 16, 16)), tiny_model(), out=out, cancel=lambda: True, device=EXACT)
+        denoise(rng_stack((4, 16, 16)), tiny_model(), out=out, stop=lambda: True, device=EXACT)
     assert (out == -1).all()
+
+
+def test_the_former_name_of_stop_still_works_with_a_warning():
+    with pytest.warns(DeprecationWarning, match=r"denoise\(cancel=...\) is now denoise\(stop=...\)"):
+        with pytest.raises(Cancelled):
+            denoise(rng_stack((4, 16, 16)), tiny_model(), cancel=lambda: True, device=EXACT)
+    with pytest.raises(TypeError, match="both stop= and its former name cancel="):
+        denoise(rng_stack((4, 16, 16)), tiny_model(), stop=lambda: True, cancel=lambda: True, device=EXACT)
+    with pytest.raises(TypeError, match="stop must be a threading.Event"):
+        denoise(rng_stack((4, 16, 16)), tiny_model(), stop="yes", device=EXACT)
 
 
 # ----------------------------------------------------------------------------- automatic sizes

@@ -97,11 +97,22 @@ def test_starting_weights_are_kept_when_training_does_not_help(filaments_model):
         torch.testing.assert_close(tuned.state_dict()[k], v, rtol=0, atol=0)
 
 
-def test_history_reports_every_epoch_and_the_callback_every_step(model):
+def test_the_former_name_of_progress_still_works_with_a_warning(model):
+    events = []
+    with pytest.warns(DeprecationWarning, match=r"finetune\(callback=...\) is now finetune\(progress=...\)"):
+        napari_cnnt.finetune(model, [pair("filaments", 0)], epochs=1, steps_per_epoch=1, callback=events.append, **TINY)
+    assert [e.event for e in events] == ["step", "epoch"]
+    with pytest.raises(TypeError, match="both progress= and its former name callback="):
+        napari_cnnt.finetune(model, [pair("filaments", 0)], progress=print, callback=print, **TINY)
+    with pytest.raises(TypeError, match="stop must be a threading.Event"):
+        napari_cnnt.finetune(model, [pair("filaments", 0)], stop=1, **TINY)
+
+
+def test_history_reports_every_epoch_and_the_progress_every_step(model):
     events = []
     _, history = napari_cnnt.finetune(
         model, [pair("filaments", 0), pair("filaments", 1), pair("filaments", 2)], "reference",
-        val_pairs=[pair("filaments", 2)], epochs=2, lr=1e-3, callback=events.append, patch_sizes=(16, 8), time=4,
+        val_pairs=[pair("filaments", 2)], epochs=2, lr=1e-3, progress=events.append, patch_sizes=(16, 8), time=4,
         batch_size=2, fast=False,
     )
     # 3 pairs train, one validates; 2 patch sizes x 1 batch per epoch
@@ -137,7 +148,7 @@ def test_stop_mid_epoch_returns_best_weights_and_leaves_a_checkpoint(model, tmp_
             stop.set()
 
     tuned, history = napari_cnnt.finetune(
-        model, pairs, val_pairs=pairs[:1], epochs=10, lr=1e-3, callback=callback, stop=stop, checkpoint=ckpt,
+        model, pairs, val_pairs=pairs[:1], epochs=10, lr=1e-3, progress=callback, stop=stop, checkpoint=ckpt,
         patches_per_sample=2, **TINY,
     )
     assert history.stopped and len(history) == 2
@@ -162,7 +173,7 @@ def test_resume_continues_the_history_exactly(model, tmp_path):
     stop = threading.Event()
     _, h_part = napari_cnnt.finetune(
         model, pairs, epochs=4, checkpoint=ckpt, stop=stop,
-        callback=lambda p: stop.set() if p.event == "epoch" and p.epoch == 2 else None, **args,
+        progress=lambda p: stop.set() if p.event == "epoch" and p.epoch == 2 else None, **args,
     )
     assert len(h_part) == 2
     resumed, h_resumed = napari_cnnt.finetune(model, pairs, epochs=4, checkpoint=ckpt, **args)
@@ -199,7 +210,7 @@ def test_schedulers_and_optimiser_options(model, scheduler):
     events = []
     _, h = napari_cnnt.finetune(
         model, [pair("filaments", 0)], epochs=2, steps_per_epoch=5, lr=1e-3, scheduler=scheduler, warmup=0.2,
-        no_w_decay=True, clip_grad_norm=0, callback=events.append, **TINY,
+        no_w_decay=True, clip_grad_norm=0, progress=events.append, **TINY,
     )
     lrs = h["lr"]
     if scheduler == "OneCycleLR":

@@ -110,11 +110,11 @@ def test_choosers_follow_the_layer_list_and_the_session_models(make_napari_viewe
 def test_cancel_stops_within_one_batch_and_adds_nothing(make_napari_viewer, qtbot, tiny_model, notes, monkeypatch):
     calls = []
 
-    def recording_denoise(*args, progress, cancel, **kwargs):
+    def recording_denoise(*args, progress, stop, **kwargs):
         def report(done, total):
-            calls.append(cancel.is_set())
+            calls.append(stop.is_set())
             progress(done, total)
-        return napari_cnnt.denoise(*args, progress=report, cancel=cancel, **kwargs)
+        return napari_cnnt.denoise(*args, progress=report, stop=stop, **kwargs)
 
     monkeypatch.setattr(denoise_widget, "denoise", recording_denoise)
     viewer, _, widget = _ready(make_napari_viewer, tiny_model, stack((8, 64, 64)), name="long")

@@ -147,12 +147,12 @@ def test_stop_before_the_first_epoch_keeps_the_starting_weights(make_napari_view
     started = []
     library_finetune = finetune_widget.finetune
 
-    def held_after_the_first_step(*args, callback, stop, **kwargs):
+    def held_after_the_first_step(*args, progress, stop, **kwargs):
         def report(p):
             started.append(p)
             stop.wait(10)
-            callback(p)
-        return library_finetune(*args, callback=report, stop=stop, **kwargs)
+            progress(p)
+        return library_finetune(*args, progress=report, stop=stop, **kwargs)
 
     monkeypatch.setattr(finetune_widget, "finetune", held_after_the_first_step)
     click(qtbot, widget.start_button)

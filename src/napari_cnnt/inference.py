@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .control import check_progress, renamed, stop_requested
 from .errors import DataError
 from .normalization import Normalization
 from .runtime import Runtime
@@ -34,7 +35,7 @@ LAYOUTS = ("auto", "reference")
 
 
 class Cancelled(Exception):
-    """``denoise`` stopped because its ``cancel`` event was set."""
+    """``denoise`` ended because its ``stop`` event was set."""
 
 
 # ----------------------------------------------------------------------------- layout
@@ -485,16 +486,6 @@ def _check_tile(tile: tuple[int, int, int], overlap: tuple[int, int, int], confi
         )
 
 
-def _is_cancelled(cancel: Any) -> Callable[[], bool]:
-    if cancel is None:
-        return lambda: False
-    if hasattr(cancel, "is_set"):
-        return cancel.is_set
-    if callable(cancel):
-        return cancel
-    raise TypeError(f"cancel must be an event with is_set() or a callable, got {type(cancel).__name__}")
-
-
 # ----------------------------------------------------------------------------- driver
 def denoise(
     data: Any,
@@ -507,9 +498,10 @@ def denoise(
     normalization: Normalization | Mapping | str | None = None,
     layout: str = "auto",
     progress: Callable[[int, int], Any] | None = None,
-    cancel: Any = None,
+    stop: Any = None,
     out: Any = None,
     time_axis: int | None = None,
+    cancel: Any = None,
 ) -> Any:
     """Denoise a time-lapse stack of any size, tile by tile.
 
@@ -543,10 +535,11 @@ def denoise(
         reproduces its numbers.
     progress
         Called as ``progress(tiles_done, tiles_total)`` after every batch.
-    cancel
+    stop
         A ``threading.Event`` (or a callable returning ``True``) checked before
         every batch; when set, :class:`Cancelled` is raised. ``data`` is never
-        modified; ``out`` may hold the frames finished so far.
+        modified; ``out`` may hold the frames finished so far. (Its former
+        name, ``cancel``, is still accepted.)
     out
         A writable array of ``data``'s shape (numpy, memmap, HDF5, zarr) to
         write into, for stacks larger than memory. Integer outputs are rounded
@@ -565,7 +558,8 @@ def denoise(
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if batch_size is not None and whole(batch_size, "batch_size") < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    cancelled = _is_cancelled(cancel)
+    cancelled = stop_requested(renamed(stop, cancel, "stop", "cancel", "denoise"))
+    check_progress(progress)
 
     net = _resolve_model(model)
     config = net.config

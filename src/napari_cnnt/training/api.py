@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..control import renamed
 from ..losses import CombinedLoss
 from ..metrics import truth_range
 from ..model.config import CNNTConfig, preset
@@ -132,9 +133,10 @@ def finetune(
     val_pairs: Any = None,
     device: str | torch.device | Runtime | None = None,
     fast: bool | None = None,
-    callback: Callable[[Progress], Any] | None = None,
+    progress: Callable[[Progress], Any] | None = None,
     stop: Any = None,
     checkpoint: str | os.PathLike | None = None,
+    callback: Callable[[Progress], Any] | None = None,
     **options: Any,
 ) -> tuple[CNNTDenoiser, History]:
     """Adapt a trained model to new data from a few pairs, or from noisy stacks alone;
@@ -171,11 +173,12 @@ def finetune(
     device, fast
         Where to train (``None``: GPU if any) and whether to use bfloat16
         (``None``: where the hardware supports it).
-    callback
-        Called with a :class:`Progress` after every step and epoch.
+    progress
+        Called with a :class:`Progress` after every step and epoch (its former
+        name, ``callback``, is still accepted).
     stop
-        A ``threading.Event``; once set, training ends before the next step and
-        the best weights so far are returned.
+        A ``threading.Event`` or a callable returning True; once set, training
+        ends before the next step and the best weights so far are returned.
     checkpoint
         A file saved atomically at the start and after every epoch. If it
         exists, training resumes from it (the run's settings must match).
@@ -188,8 +191,9 @@ def finetune(
     if not isinstance(model, CNNTDenoiser):
         raise TypeError(f"finetune expects a CNNTDenoiser (e.g. from load_model()), got {type(model).__name__}")
     base = model.metadata.get("file") or model.metadata.get("source") or "in-memory model"
+    progress = renamed(progress, callback, "progress", "callback", "finetune")
     return _run(model, pairs, val_pairs, recipe, options, str(base), device, fast,
-                callback=callback, stop=stop, checkpoint=checkpoint)
+                progress=progress, stop=stop, checkpoint=checkpoint)
 
 
 def train(
@@ -201,9 +205,10 @@ def train(
     val_data: Any = None,
     device: str | torch.device | Runtime | None = None,
     fast: bool | None = None,
-    callback: Callable[[Progress], Any] | None = None,
+    progress: Callable[[Progress], Any] | None = None,
     stop: Any = None,
     checkpoint: str | os.PathLike | None = None,
+    callback: Callable[[Progress], Any] | None = None,
     **options: Any,
 ) -> tuple[CNNTDenoiser, History]:
     """Train a new model from scratch (a backbone); returns ``(model, history)``.
@@ -227,8 +232,9 @@ def train(
     (h, w), t = plan.settings.patch_sizes[0], plan.settings.time
     if (t, h, w) != (model.config.time, model.config.height, model.config.width):
         model = new_model(cfg.replace(time=t, height=h, width=w), model.normalization, plan.settings.seed)
+    progress = renamed(progress, callback, "progress", "callback", "train")
     trainer = Trainer(model, train_samples, val, plan.settings, split=split, device=runtime.device,
-                      fast=runtime.fast, callback=callback, stop=stop, checkpoint=checkpoint)
+                      fast=runtime.fast, progress=progress, stop=stop, checkpoint=checkpoint)
     trained, history = trainer.run()
     history.notes = list(plan.notes)
     trained.metadata = {**model.metadata, **provenance(history, None, plan.settings, get_recipe(recipe).name)}

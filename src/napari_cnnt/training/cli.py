@@ -492,7 +492,7 @@ def _train(args: argparse.Namespace, command: str, run_name: str, ranks: Any, de
     try:
         with _stop_on_signals(stop):
             trainer = Trainer(model, train, val, settings, split=split, device=device, fast=args.fast,
-                              callback=reporter, stop=stop, checkpoint=checkpoint)
+                              progress=reporter, stop=stop, checkpoint=checkpoint)
             log.info(f"device {trainer.runtime.device}, {'bfloat16' if trainer.runtime.fast else 'float32'}, "
                      f"{trainer.steps} steps per epoch")
             trained, history = trainer.run()

@@ -39,6 +39,7 @@ from ..losses import CombinedLoss, psnr, ssim
 from ..metrics import truth_range
 from ..model.denoiser import CNNTDenoiser
 from ..runtime import Runtime
+from ..control import check_progress, renamed, stop_requested
 from . import distributed
 from .blindspot import VISIBLE, draw_mask, hide, masked_loss
 from .checkpoints import (
@@ -93,9 +94,9 @@ def metrics(
 class Trainer:
     """Trains a copy of ``model`` on ``train`` samples, validating on ``val`` samples.
 
-    ``callback(progress)`` runs after every step and epoch (on rank 0 only);
-    ``stop`` is anything with ``is_set()`` (a ``threading.Event``): training
-    ends before the next step. ``checkpoint`` is a file that is written at
+    ``progress`` is called with a :class:`Progress` after every step and epoch
+    (on rank 0 only); ``stop`` is a ``threading.Event`` or a callable returning
+    True: training ends before the next step (:mod:`napari_cnnt.control`). ``checkpoint`` is a file that is written at
     the start and after every epoch; when it exists already, training
     resumes from it. The user's model is never modified.
     """
@@ -110,18 +111,17 @@ class Trainer:
         split: Split | None = None,
         device: str | torch.device | None = None,
         fast: bool | None = None,
-        callback: Callable[[Progress], Any] | None = None,
+        progress: Callable[[Progress], Any] | None = None,
         stop: Any = None,
         checkpoint: str | os.PathLike | None = None,
+        callback: Callable[[Progress], Any] | None = None,
     ):
         if not isinstance(model, CNNTDenoiser):
             raise TypeError(f"expected a CNNTDenoiser, got {type(model).__name__}")
         if not train:
             raise ValueError("no training samples")
-        if stop is not None and not callable(getattr(stop, "is_set", None)):
-            raise TypeError("stop must have an is_set() method, e.g. a threading.Event")
-        if callback is not None and not callable(callback):
-            raise TypeError("callback must be callable")
+        progress = check_progress(renamed(progress, callback, "progress", "callback", "Trainer"))
+        stop_check = stop_requested(stop)
         settings.check_model(model.config)
         self.ranks = distributed.current()
         if settings.batch_size < self.ranks.world_size:
@@ -140,8 +140,8 @@ class Trainer:
         self.settings = settings
         self.split = split or Split([s.name for s in train], [s.name for s in val])
         self.runtime = Runtime.create(device, fast)
-        self.callback = callback
-        self.stop = stop
+        self.progress = progress
+        self.stop_requested = stop_check
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.samplers = [
             PatchSampler(train, settings.time, h, w, settings.value_thres, settings.area_thres, settings.augment)
@@ -374,14 +374,14 @@ class Trainer:
                 "val_ssim": q / n if n else nan, "val_masked_loss": sq / hidden if hidden else nan}
 
     def _should_stop(self) -> bool:
-        flag = self.stop is not None and self.stop.is_set()
+        flag = self.stop_requested()
         if self.ranks.distributed:
             return distributed.any_across(flag, self.ranks, self.runtime.device)
         return flag
 
     def _report(self, progress: Progress) -> None:
-        if self.callback is not None and self.ranks.is_main:
-            self.callback(progress)
+        if self.progress is not None and self.ranks.is_main:
+            self.progress(progress)
 
     def _read_checkpoint(self) -> dict[str, Any] | None:
         if self.checkpoint is None or not self.checkpoint.exists():

@@ -1,6 +1,6 @@
 """Running a library call off the GUI thread and hearing from it on the GUI thread.
 
-``denoise`` and ``finetune`` report through plain callbacks and stop on a
+``denoise`` and ``finetune`` report to a ``progress`` callable and stop on a
 ``threading.Event``. A :class:`Job` runs such a call on a helper thread and
 relays what it reports through a napari thread worker's ``yielded`` signal,
 so every widget update happens on the GUI thread and the library stays free
@@ -38,7 +38,7 @@ class Outcome:
 class Job:
     """``task(report, stop)`` on a helper thread; reports arrive in ``on_report`` on the GUI thread.
 
-    ``stop`` is the event handed to the library (``denoise(cancel=...)``,
+    ``stop`` is the event handed to the library (``denoise(stop=...)``,
     ``finetune(stop=...)``); :meth:`stop` sets it. ``on_end`` receives the
     :class:`Outcome` once the task has returned.
     """

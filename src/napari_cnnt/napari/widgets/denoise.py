@@ -99,7 +99,7 @@ class DenoiseRequest:
         return denoise(
             self.data, self.model, tile=self.tile, overlap=self.overlap, batch_size=self.batch_size,
             device=self.runtime, time_axis=self.time_axis, progress=lambda done, total: report((done, total)),
-            cancel=stop,
+            stop=stop,
         )
 
 

@@ -344,7 +344,7 @@ class FinetuneWidget(Container):
 
         def task(report: Callable[[Any], None], stop: Any) -> Any:
             train, val = data.load()
-            return finetune(base, train, recipe, val_pairs=val, device=device, fast=fast, callback=report,
+            return finetune(base, train, recipe, val_pairs=val, device=device, fast=fast, progress=report,
                             stop=stop, **settings)
 
         self._estimate_timer.stop()
