@@ -90,3 +90,18 @@ def test_fast_path_close_to_float32(tiny_config, prepare):
     assert fast.dtype == torch.float32 and fast.shape == exact.shape
     span = exact.max() - exact.min()
     assert psnr(fast / span, exact / span).item() > 45.0
+
+
+def test_tf32_is_switched_on_for_our_own_cuda_calls_only():
+    """TF32 is process-wide in PyTorch: a CUDA runtime turns it on inside its blocks and puts it back."""
+    cuda = Runtime(torch.device("cuda"), False)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with cuda.precision():
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        with Runtime(torch.device("cpu"), False).autocast():
+            assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

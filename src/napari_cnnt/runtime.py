@@ -15,6 +15,7 @@ import copy
 import functools
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -147,15 +148,32 @@ class Runtime:
         model = model.to(self.device)
         if self.fast or self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
         return model
 
+    @contextlib.contextmanager
+    def precision(self) -> Iterator[None]:
+        """TF32 matrix products and convolutions on CUDA, for the calls inside the block only.
+
+        PyTorch's TF32 switches are process-wide; they are set on entry and put back on exit,
+        so code outside napari-cnnt's own calls keeps whatever the user chose.
+        """
+        if self.device.type != "cuda":
+            yield
+            return
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
     def autocast(self) -> contextlib.AbstractContextManager:
-        if not self.fast:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        """The block's arithmetic: bfloat16 autocast on the fast path, TF32 on CUDA (:meth:`precision`)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.precision())
+        if self.fast:
+            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+        return stack
 
     def inference_copy(self, model: nn.Module) -> nn.Module:
         """A frozen copy of ``model`` for :meth:`predict`; ``model`` itself is untouched.
@@ -185,7 +203,7 @@ class Runtime:
         a float32 model (run under autocast on the fast path).
         """
         dtype = next(model.parameters()).dtype
-        context = self.autocast() if dtype == torch.float32 else contextlib.nullcontext()
+        context = self.autocast() if dtype == torch.float32 else self.precision()
         with torch.inference_mode(), context:
             y = model(batch.to(self.device, dtype, non_blocking=True))
         return y.float()

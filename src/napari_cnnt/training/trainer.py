@@ -156,7 +156,7 @@ class Trainer:
         """Train; returns the model with the best weights (CPU, eval mode) and the history."""
         dev = self.runtime.device
         devices = [dev.index or 0] if dev.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), self.runtime.precision():
             return self._run()
 
     def fingerprint(self) -> dict[str, Any]:
