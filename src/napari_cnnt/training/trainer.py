@@ -36,6 +36,7 @@ from torch import nn
 
 from ..losses import CombinedLoss, psnr, ssim
 from ..metrics import truth_range
+from ..errors import CheckpointError
 from ..model.checkpoint import atomic_write
 from ..model.config import CNNTConfig
 from ..model.denoiser import CNNTDenoiser
@@ -260,7 +261,7 @@ def metrics(
     return loss_fn(output, target).item(), value, ssim(output.clamp(0, 1), target).item()
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(CheckpointError):
     """A training checkpoint that belongs to another run."""
 
 
@@ -278,11 +279,13 @@ def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for damaged files
-        raise ValueError(f"{path}: not a readable napari-cnnt training checkpoint ({str(e).splitlines()[0]})") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = type(e).__name__ if "weights_only" in str(e) else reason  # never torch's advice to load unsafely
+        raise CheckpointError(f"{path}: not a readable napari-cnnt training checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a napari-cnnt training checkpoint")
+        raise CheckpointError(f"{path}: not a napari-cnnt training checkpoint")
     if int(state.get("version", 0)) > CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: written by a newer napari-cnnt (checkpoint version {state['version']})")
+        raise CheckpointError(f"{path}: written by a newer napari-cnnt (checkpoint version {state['version']})")
     return state
 
 
