@@ -140,18 +140,26 @@ def test_large_files_open_lazily(make_napari_viewer, tmp_path, monkeypatch):
         np.testing.assert_array_equal(np.asarray(layer._slice.image.view), stack[4])
 
 
-def test_files_the_plugin_cannot_use_are_left_to_other_readers(tmp_path):
+def test_files_the_plugin_cannot_use_say_why(tmp_path):
     (tmp_path / "noise.h5").write_bytes(RNG.bytes(3000))
     (tmp_path / "noise.tif").write_bytes(RNG.bytes(3000))
+    (tmp_path / "empty.tif").write_bytes(b"")
     (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     with h5py.File(tmp_path / "tables.h5", "w") as f:
         f["trace"] = np.arange(50.0)
     good = tmp_path / "good.tif"
     tifffile.imwrite(good, np.zeros((8, 8), np.uint8))
-    for name in ("noise.h5", "noise.tif", "image.png", "tables.h5", "missing.tif"):
+    for name in ("image.png", "missing.tif"):  # other kinds of files, and missing ones, are for other readers
         assert get_reader(str(tmp_path / name)) is None, name
-    assert get_reader([str(good), str(tmp_path / "noise.tif")]) is None
-    assert callable(get_reader([str(good), str(good)]))
+    reasons = {"noise.h5": "not an HDF5 file", "noise.tif": "not a TIFF file", "empty.tif": "the file is empty",
+               "tables.h5": "holds no image datasets"}
+    for name, reason in reasons.items():
+        reader = get_reader(str(tmp_path / name))
+        with pytest.raises(ImageFileError, match=f"{name}: {reason}"):
+            reader(str(tmp_path / name))
+    with pytest.raises(ImageFileError, match="noise.tif: not a TIFF file"):
+        get_reader([str(good), str(tmp_path / "noise.tif")])([str(good), str(tmp_path / "noise.tif")])
+    assert len(get_reader([str(good), str(good)])([str(good), str(good)])) == 2
 
 
 def test_damaged_files_give_a_clear_error_and_the_viewer_keeps_working(make_napari_viewer, tmp_path):
@@ -171,7 +179,7 @@ def test_damaged_files_give_a_clear_error_and_the_viewer_keeps_working(make_napa
         viewer.open(truncated, plugin=PLUGIN)
     with pytest.raises(ValueError, match=r"cut\.tif: TIFF file is truncated"):
         viewer.open(cut_tif, plugin=PLUGIN)
-    with pytest.raises(ValueError, match="refused the file"):
+    with pytest.raises(ValueError, match=r"noise\.tif: not a TIFF file"):
         viewer.open(noise, plugin=PLUGIN)
     assert len(viewer.layers) == 0
     (layer,) = viewer.open(tmp_path / "full.tif", plugin=PLUGIN)

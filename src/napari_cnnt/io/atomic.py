@@ -96,7 +96,7 @@ def check_output(
     path = Path(path)
     for name in _input_files(inputs):
         if same_file(name, path):
-            raise error(f"{path}: is an input of this command; refusing to overwrite it, choose another output")
+            raise error(f"{path}: refusing to overwrite the input of this command; choose another output")
     if path.is_dir():
         raise error(f"{path}: is a folder, not a file name")
     if not path.parent.is_dir():

@@ -122,13 +122,11 @@ def save_package(
     axes: the first stack) whose centre becomes the test tensor (default:
     the synthetic sample).
     """
-    from ..io.atomic import check_output
-
     path = Path(path)
     if path.exists() and not (path.is_dir() if path.suffix.lower() != ".zip" else path.is_file()):
         raise PackageError(f"{path}: exists and is not a {'zip file' if path.suffix.lower() == '.zip' else 'folder'}")
     if path.exists() and not overwrite:
-        check_output(path, overwrite=False, error=PackageError)
+        raise PackageError(f"{path}: already exists; choose another name or allow overwriting it (--overwrite)")
     spec = _spec()
     model = copy.deepcopy(model).cpu().eval()  # the caller's model stays where and as it is
     config = model.config

@@ -1,9 +1,11 @@
 """npe2 reader: HDF5 and TIFF stacks as image layers.
 
-``get_reader`` answers quickly and returns None for files this plugin cannot
-use (wrong extension, not HDF5/TIFF inside, an HDF5 file without images), so
-napari can try other readers. A file that is HDF5 or TIFF but damaged gets a
-reader that raises :class:`~napari_cnnt.io.ImageFileError`, which napari shows.
+``get_reader`` answers quickly. Names without an HDF5 or TIFF suffix (and
+missing files) are left to other readers. A file with one of these suffixes
+that cannot be used (empty, not HDF5/TIFF inside, damaged, no image
+datasets, data that are not in the file) gets a reader that raises
+:class:`~napari_cnnt.io.ImageFileError` with the reason, which napari shows;
+a reader that returned None would only be reported as "refused the file".
 """
 
 from __future__ import annotations
@@ -32,23 +34,46 @@ def _kind(path: PathLike) -> str | None:
     return None
 
 
-def _can_read(path: PathLike) -> bool:
+def _problem(path: PathLike) -> str | None:
+    """Why a file with one of our suffixes cannot be opened, or None if it can (as far as a quick look tells)."""
     kind = _kind(path)
+    if not os.path.isfile(path):
+        return f"{path}: no such file"
+    if os.path.getsize(path) == 0:
+        return f"{path}: the file is empty"
     if kind == "tiff":
-        return tiff.is_tiff(path)
-    if kind == "hdf5" and hdf5.is_hdf5(path):
-        try:
-            return bool(hdf5.list_image_datasets(path))
-        except ImageFileError:
-            return True  # it claims to be HDF5: the reader will say what is wrong
-    return False
+        return None if tiff.is_tiff(path) else f"{path}: not a TIFF file (no TIFF header)"
+    if not hdf5.is_hdf5(path):
+        return f"{path}: not an HDF5 file (no HDF5 signature)"
+    try:
+        if not hdf5.list_image_datasets(path):
+            return (f"{path}: holds no image datasets (numeric, at least 2-D, with two axes longer than 3); "
+                    "nothing to show")
+    except ImageFileError as e:
+        return str(e)
+    return None
+
+
+def _refusal(reason: str) -> Callable[..., list[LayerData]]:
+    """A reader that says why it cannot read: napari shows a reader's error, but only
+    "refused the file" for a reader that returns None."""
+
+    def refuse(*_: Any, **__: Any) -> list[LayerData]:
+        raise ImageFileError(reason)
+
+    return refuse
 
 
 def get_reader(path: PathLike | Sequence[PathLike]) -> Callable[..., list[LayerData]] | None:
+    """Our reader for HDF5 and TIFF names; for one that cannot be used, a reader that raises the reason.
+
+    Other names, and missing files, are left to other readers (None).
+    """
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    if not paths or not all(_can_read(p) for p in paths):
+    if not paths or not all(_kind(p) and os.path.exists(p) for p in paths):
         return None
-    return read_layers
+    problems = [p for p in map(_problem, paths) if p]
+    return _refusal(problems[0]) if problems else read_layers
 
 
 def read_images(path: PathLike) -> list[Image]:

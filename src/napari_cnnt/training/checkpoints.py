@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..errors import CheckpointError
 from ..model.checkpoint import atomic_write
 from ..model.config import CNNTConfig
 from ..model.denoiser import CNNTDenoiser
@@ -19,7 +20,7 @@ CHECKPOINT_FORMAT = "napari-cnnt-training"
 CHECKPOINT_VERSION = 1
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(CheckpointError):
     """A training checkpoint that belongs to another run."""
 
 
@@ -36,11 +37,13 @@ def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for damaged files
-        raise ValueError(f"{path}: not a readable napari-cnnt training checkpoint ({str(e).splitlines()[0]})") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = type(e).__name__ if "weights_only" in str(e) else reason  # never torch's advice to load unsafely
+        raise CheckpointError(f"{path}: not a readable napari-cnnt training checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a napari-cnnt training checkpoint")
+        raise CheckpointError(f"{path}: not a napari-cnnt training checkpoint")
     if int(state.get("version", 0)) > CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: written by a newer napari-cnnt (checkpoint version {state['version']})")
+        raise CheckpointError(f"{path}: written by a newer napari-cnnt (checkpoint version {state['version']})")
     return state
 
 

@@ -31,6 +31,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..errors import ImageFileError, InputError, TrainingSettingsError, UsageError
+from ..io.atomic import check_output
+
 TRACKER_FLAGS = ("project", "wandb_entity", "run_notes", "num_samples_wandb", "num_test_samples_wandb")
 UNUSED_FLAGS = {
     "save_cycle": "the checkpoint is saved after every epoch",
@@ -57,6 +60,14 @@ SETTING_FLAGS = {v: f"--{k}" for k, v in FLAG_SETTINGS.items()} | {
 }
 
 log = logging.getLogger("napari_cnnt.training")
+
+
+def _flag_names(text: str) -> str:
+    """A settings message with the setting called by its command-line flag where it starts the message."""
+    for field, flag in SETTING_FLAGS.items():
+        if text.startswith(f"{field} "):
+            return flag + text[len(field):]
+    return text
 
 
 def add_train(subparsers: Any) -> None:
@@ -189,6 +200,8 @@ def _add(subparsers: Any, command: str, help_text: str, description: str) -> Non
     g.add_argument("--result_path", type=Path, default=Path("./logs/results"), help="folder of the metrics CSV")
     g.add_argument("--log_path", type=Path, default=Path("./logs/logs"), help="folder of the log file")
     g.add_argument("-o", "--output", type=Path, help="the final model file (default: MODEL_PATH/RUN_NAME.safetensors)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing final model file (a resumed run replaces its own); never an input")
     g.add_argument("--checkpoint", type=Path,
                    help="checkpoint file, resumed from when it exists (default: CHECK_PATH/RUN_NAME.ckpt)")
     g.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' (default: auto)")
@@ -224,17 +237,27 @@ def _check(args: argparse.Namespace) -> None:
     if args.h5files is None and not getattr(args, "noisy", None):
         raise ValueError("give training data: --h5files with pairs, or --noisy with noisy stacks alone")
     if args.use_conv_3D:
-        raise ValueError("--use_conv_3D is not supported: napari-cnnt's CNNT uses 2-D convolutions")
+        raise TrainingSettingsError("--use_conv_3D is not supported: napari-cnnt's CNNT uses 2-D convolutions")
     if args.time_scale != 0:
-        raise ValueError("--time_scale is not supported (only 0: time-lapse pairs)")
+        raise TrainingSettingsError("--time_scale is not supported (only 0: time-lapse pairs)")
     if args.height is not None and args.width is not None and len(args.height) != len(args.width):
-        raise ValueError(f"--height and --width must list as many sizes, got {args.height} and {args.width}")
+        raise TrainingSettingsError(f"--height and --width must list as many sizes, got {args.height} and "
+                                    f"{args.width}")
+
+
+def _check_output(args: argparse.Namespace, output: Path, checkpoint: Path) -> None:
+    """Before any work: the final model must not replace an input, nor an existing file unless asked
+    (or the run resumes, and so replaces its own)."""
+    inputs = [*args.h5files, *(args.val_case or ()), *(args.test_case or ()), args.load_path, checkpoint]
+    overwrite = args.overwrite or checkpoint.exists()
+    if output.parent.is_dir():
+        check_output(output, overwrite=overwrite, inputs=inputs, error=UsageError)
 
 
 def _model(args: argparse.Namespace, command: str) -> tuple[Any, str | None]:
     """The model to train and where it came from (None: a new one)."""
     from ..model.checkpoint import CheckpointError, load_model
-    from ..model.config import preset
+    from ..model.config import ConfigError, preset
     from ..normalization import Normalization
     from .api import new_model
 
@@ -244,7 +267,7 @@ def _model(args: argparse.Namespace, command: str) -> tuple[Any, str | None]:
             model = load_model(args.load_path)
         except CheckpointError:
             if args.load_path is None:
-                raise ValueError("this installation of napari-cnnt has no bundled model yet; "
+                raise UsageError("this installation of napari-cnnt has no bundled model yet; "
                                  "start from a model file with --load_path MODEL") from None
             raise
         if given:
@@ -258,7 +281,10 @@ def _model(args: argparse.Namespace, command: str) -> tuple[Any, str | None]:
     fields = {n: getattr(args, n) for n in MODEL_FLAGS if getattr(args, n) is not None}
     height = args.height[0] if args.height else recipe.patch_sizes[0][0]
     width = args.width[0] if args.width else recipe.patch_sizes[0][1]
-    config = preset(args.preset).replace(**fields, time=args.time or recipe.time, height=height, width=width)
+    try:
+        config = preset(args.preset).replace(**fields, time=args.time or recipe.time, height=height, width=width)
+    except ConfigError as e:
+        raise TrainingSettingsError(str(e)) from None
     normalization = Normalization.reference(bool(args.per_scaling), args.im_value_scale)
     return new_model(config, normalization, args.seed or 0), None
 
@@ -276,7 +302,7 @@ def _options(args: argparse.Namespace, new_model: bool) -> dict[str, Any]:
         heights = args.height or [h for h, _ in recipe.patch_sizes]
         widths = args.width or [w for _, w in recipe.patch_sizes]
         if len(heights) != len(widths):
-            raise ValueError(f"--height and --width must list as many sizes, got {heights} and {widths}")
+            raise TrainingSettingsError(f"--height and --width must list as many sizes, got {heights} and {widths}")
         options["patch_sizes"] = tuple(zip(heights, widths))
     if args.beta1 is not None or args.beta2 is not None:
         options["betas"] = (recipe.betas[0] if args.beta1 is None else args.beta1,
@@ -465,20 +491,32 @@ def _train(args: argparse.Namespace, command: str, run_name: str, ranks: Any, de
     from .plan import SettingError, plan_run
     from .trainer import Trainer
 
-    runtime = Runtime.create(device, args.fast)  # an impossible --device or --fast is refused before any data is read
+    try:
+        runtime = Runtime.create(device, args.fast)  # an impossible --device or --fast is refused before any data
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    output = args.output or args.model_path / f"{run_name}.safetensors"
+    checkpoint = args.checkpoint or args.check_path / f"{run_name}.ckpt"
+    _check_output(args, output, checkpoint)
     model, base = _model(args, command)
     options = _options(args, new_model=base is None)
     recipe = _recipe(args)
-    recipe.with_options(**options)  # absurd values are refused before the data are read
-    train, val, test_keys, split = _data(args, model.normalization)
+    try:
+        recipe.with_options(**options)  # absurd values are refused before the data are read
+    except (ValueError, TypeError) as e:
+        raise TrainingSettingsError(_flag_names(str(e))) from None
+    try:
+        train, val, test_keys, split = _data(args, model.normalization)
+    except InputError:
+        raise
+    except ValueError as e:  # the data rules of training.data: the message names the file and the sample
+        raise ImageFileError(str(e)) from None
     try:
         plan = plan_run(recipe, options, model.config, train, val, runtime,
                         sum(p.numel() for p in model.parameters()))
     except SettingError as e:
-        raise ValueError(e.message(SETTING_FLAGS)) from None
+        raise TrainingSettingsError(e.message(SETTING_FLAGS)) from None
     settings = plan.settings
-    output = args.output or args.model_path / f"{run_name}.safetensors"
-    checkpoint = args.checkpoint or args.check_path / f"{run_name}.ckpt"
     metrics_path = args.result_path / f"{run_name}_metrics.csv"
     resuming = checkpoint.exists()
     log.info(f"napari-cnnt {command} {run_name}: {split}".replace("\n", "; "))
@@ -525,6 +563,6 @@ def _train(args: argparse.Namespace, command: str, run_name: str, ranks: Any, de
     meta = provenance(history, base, settings, recipe.name)
     meta["metrics"].update({f"test_{k}": v for k, v in test.items()})
     meta["training"].update(command=command, run_name=run_name)
-    save_model(trained, output, **meta)
+    save_model(trained, output, overwrite=args.overwrite or resuming, **meta)
     log.info(f"wrote {output} (weights of epoch {history.best_epoch}) and {metrics_path}")
     return 0

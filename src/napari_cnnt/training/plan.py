@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import TrainingSettingsError
 from .data import Sample
 from .recipes import Recipe
 from .settings import TrainSettings
@@ -54,7 +55,7 @@ BASE_BYTES = 400 << 20
 MEMORY_SHARE = 0.9
 
 
-class SettingError(ValueError):
+class SettingError(TrainingSettingsError):
     """A setting that cannot work with these data or on this machine.
 
     ``setting`` is the :class:`TrainSettings` field to change; front ends

@@ -401,34 +401,37 @@ class FinetuneWidget(Container):
         if self.result is None or self.busy:
             return None
         chosen = ""
+        confirmed = None  # the file Qt's save dialog asked about replacing
         if path is None:
             default = self.result.entry.name.replace(" ", "_").replace("'", "") + ".safetensors"
             path, chosen = QFileDialog.getSaveFileName(self.native, "Save the fine-tuned model", default,
                                                        ";;".join(SAVE_FORMATS))
             if not path:
                 return None
+            confirmed = Path(path)
         path = Path(path)
         package = SAVE_FORMATS.get(chosen, path.suffix.lower()) == PACKAGE_SUFFIX
         suffix = PACKAGE_SUFFIX if package else ".safetensors"
         if path.suffix.lower() != suffix:
             path = path.with_name(path.name + suffix)
+        overwrite = path == confirmed
         if package:
-            return self._save_package(path)
+            return self._save_package(path, overwrite)
         try:
-            save_model(self.result.entry.model, path, **self.result.provenance)
-        except (OSError, TypeError, ValueError) as e:
+            save_model(self.result.entry.model, path, overwrite=overwrite, **self.result.provenance)
+        except CheckpointError as e:
             show_error(sentence(f"The model could not be saved to {path}: {e}"))
             return None
         self.result.entry.path = path
         show_info(f"Saved the model to {path}.")
         return path
 
-    def _save_package(self, path: Path) -> Path:
+    def _save_package(self, path: Path, overwrite: bool = False) -> Path:
         """Write the bioimage.io package on a worker thread (it runs the model on its test data)."""
         entry, provenance = self.result.entry, provenance_of(self.result.entry.model, **self.result.provenance)
 
         def task(report: Callable[[Any], None], stop: Any) -> Path:
-            return save_package(entry.model, path, provenance, name=entry.name)
+            return save_package(entry.model, path, provenance, name=entry.name, overwrite=overwrite)
 
         def ended(outcome: Outcome) -> None:
             self.job = None
