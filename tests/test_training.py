@@ -123,9 +123,10 @@ def test_history_reports_every_epoch_and_the_progress_every_step(model):
     assert events[2].record == history.records[0]
     assert events[0].remaining > 0 and events[2].elapsed > 0
     for r in history.records:
-        assert set(r) == {"epoch", "train_loss", "val_loss", "val_psnr", "val_ssim", "lr", "seconds"}
+        assert set(r) == {"epoch", "train_loss", "val_loss", "val_psnr", "val_ssim", "val_masked_loss", "lr", "seconds"}
+        assert np.isnan(r["val_masked_loss"])  # every validation sample has truth: nothing is hidden
         assert r["lr"] == 1e-3 and r["seconds"] > 0 and 0 < r["val_ssim"] <= 1
-    assert history.to_csv().splitlines()[0] == "epoch,train_loss,val_loss,val_psnr,val_ssim,lr,seconds"
+    assert history.to_csv().splitlines()[0] == "epoch,train_loss,val_loss,val_psnr,val_ssim,val_masked_loss,lr,seconds"
 
 
 def test_same_seed_same_losses_other_seed_other_losses(model):
@@ -178,11 +179,11 @@ def test_resume_continues_the_history_exactly(model, tmp_path):
     assert len(h_part) == 2
     resumed, h_resumed = napari_cnnt.finetune(model, pairs, epochs=4, checkpoint=ckpt, **args)
     assert len(h_resumed) == 4 and not h_resumed.stopped
-    assert h_resumed.records[:2] == h_part.records
+    np.testing.assert_equal(h_resumed.records[:2], h_part.records)  # NaN where a metric was not measured
     for a, b in zip(h_resumed.records, h_full.records):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
-    assert h_resumed.initial == h_full.initial
+    np.testing.assert_equal(h_resumed.initial, h_full.initial)
     assert all(torch.allclose(v, full.state_dict()[k], atol=1e-6) for k, v in resumed.state_dict().items())
 
     # Extending a finished run trains only the new epochs.
@@ -262,7 +263,7 @@ def test_absurd_settings_are_refused(model, options, message):
 def test_other_bad_calls(model, tiny_config):
     with pytest.raises(TypeError, match="unknown training option"):
         napari_cnnt.finetune(model, [pair("filaments", 0)], learning_rate=1)
-    with pytest.raises(ValueError, match="unknown recipe 'paper'; choose from few-sample, reference, backbone"):
+    with pytest.raises(ValueError, match="unknown recipe 'paper'; choose from few-sample, self-supervised, reference, backbone"):
         napari_cnnt.finetune(model, [pair("filaments", 0)], "paper")
     with pytest.raises(TypeError, match="CNNTDenoiser"):
         napari_cnnt.finetune("model.pt", [pair("filaments", 0)])

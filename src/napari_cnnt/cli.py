@@ -27,12 +27,10 @@ import numpy as np
 
 from . import __version__
 from .errors import DataError, ImageFileError, InputError, UsageError
+from .io import formats
 from .io.atomic import check_output
 from .metrics import psnr_db
 from .training.cli import add_finetune, add_train
-
-TIFF_SUFFIXES = (".tif", ".tiff")
-HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
 
 
 def add_overwrite_flag(p: argparse.ArgumentParser) -> None:
@@ -331,22 +329,17 @@ def _load_model(path: Path | None) -> Any:
 
 
 def default_output(path: Path) -> Path:
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif") + TIFF_SUFFIXES + HDF5_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return path.with_name(name[: -len(suffix)] + "_denoised" + name[-len(suffix):])
-    return path.with_name(name + "_denoised")
+    stem, suffix = formats.split_suffix(path)
+    return path.with_name(stem + "_denoised" + suffix)
 
 
 def _format(path: Path, role: str) -> str:
-    suffix = path.suffix.lower()
-    if suffix in TIFF_SUFFIXES:
-        return "tiff"
-    if suffix in HDF5_SUFFIXES:
-        return "hdf5"
-    raise UsageError(
-        f"{path}: unknown {role} format {suffix or '(no extension)'!r}; use .tif/.tiff or .h5/.hdf5"
-    )
+    fmt = formats.by_name(path)
+    if fmt is None:
+        suffix = path.suffix.lower()
+        raise UsageError(f"{path}: unknown {role} format {suffix or '(no extension)'!r}; use "
+                         f"{formats.usual_suffixes()}")
+    return fmt.name
 
 
 def read_image(path: Path, dataset: str | None, allow_external: bool = False) -> Any:
@@ -355,7 +348,8 @@ def read_image(path: Path, dataset: str | None, allow_external: bool = False) ->
 
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
-    if tiff.is_tiff(path):
+    fmt = formats.by_content(path)
+    if fmt is formats.TIFF:
         images = tiff.read_tiff(path)
         try:
             return images[int(dataset or 0)]
@@ -363,7 +357,7 @@ def read_image(path: Path, dataset: str | None, allow_external: bool = False) ->
             raise UsageError(
                 f"{path}: --dataset must be a series number from 0 to {len(images) - 1} for this TIFF file"
             ) from None
-    if hdf5.is_hdf5(path):
+    if fmt is formats.HDF5:
         if dataset is None:
             keys = hdf5.list_image_datasets(path, allow_external)
             if len(keys) != 1:

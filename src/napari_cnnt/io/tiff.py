@@ -49,11 +49,10 @@ def is_tiff(path: str | os.PathLike) -> bool:
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    from .formats import split_suffix
+
+    stem, suffix = split_suffix(path)
+    return stem if suffix else path.stem
 
 
 def _axes(series: tifffile.TiffPageSeries) -> str:

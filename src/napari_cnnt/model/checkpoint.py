@@ -35,6 +35,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..io.atomic import write_bytes
+from ..io import formats as image_formats
 from ..normalization import Normalization
 from .config import CNNTConfig, ConfigError
 from .denoiser import CNNTDenoiser
@@ -408,7 +409,8 @@ def save_model(
     return write_bytes(path, st_save(tensors, metadata=header), overwrite=overwrite, error=CheckpointError)
 
 
-_DATA_SUFFIXES = (".tif", ".tiff", ".h5", ".hdf5", ".hdf", ".he5", ".npy", ".png", ".jpg", ".czi", ".nd2")
+# Image files a model must never be written over: the formats napari-cnnt reads, and other common ones.
+_DATA_SUFFIXES = tuple(s for f in image_formats.FORMATS for s in f.suffixes) + (".npy", ".png", ".jpg", ".czi", ".nd2")
 
 
 def provenance_of(model: CNNTDenoiser, **metadata: Any) -> dict[str, Any]:

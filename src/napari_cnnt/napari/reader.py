@@ -14,11 +14,9 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..io import Image, ImageFileError, hdf5, tiff
+from ..io import Image, ImageFileError, formats, hdf5, tiff
 from . import LayerData
 
-HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
-TIFF_SUFFIXES = (".tif", ".tiff")
 # A channel axis longer than this stays a slider instead of becoming one layer per channel.
 MAX_CHANNEL_LAYERS = 8
 
@@ -26,12 +24,8 @@ PathLike = str | os.PathLike
 
 
 def _kind(path: PathLike) -> str | None:
-    name = os.fspath(path).lower()
-    if name.endswith(HDF5_SUFFIXES):
-        return "hdf5"
-    if name.endswith(TIFF_SUFFIXES):
-        return "tiff"
-    return None
+    fmt = formats.by_name(path)
+    return None if fmt is None else fmt.name
 
 
 def _problem(path: PathLike) -> str | None:
@@ -77,7 +71,7 @@ def get_reader(path: PathLike | Sequence[PathLike]) -> Callable[..., list[LayerD
 
 
 def read_images(path: PathLike) -> list[Image]:
-    return hdf5.read_hdf5(path) if _kind(path) == "hdf5" else tiff.read_tiff(path)
+    return formats.by_name(path).read(path)
 
 
 def read_layers(path: PathLike | Sequence[PathLike]) -> list[LayerData]:

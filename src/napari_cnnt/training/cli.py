@@ -325,7 +325,7 @@ def noisy_stacks(specs: list[str], normalization: Any) -> list:
     every image dataset of an HDF5 file (or the one named), each ``[T, Y, X]`` or ``[Y, X]``."""
     import numpy as np
 
-    from ..io import hdf5, tiff
+    from ..io import formats, hdf5, tiff
     from .data import make_samples
 
     samples = []
@@ -334,11 +334,12 @@ def noisy_stacks(specs: list[str], normalization: Any) -> list:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{path}: no such file")
-        if tiff.is_tiff(path):
+        fmt = formats.by_content(path)
+        if fmt is formats.TIFF:
             if key:
                 raise ValueError(f"{spec}: a dataset name only applies to HDF5 files")
             images = tiff.read_tiff(path)
-        elif hdf5.is_hdf5(path):
+        elif fmt is formats.HDF5:
             keys = [key] if key else hdf5.list_image_datasets(path)
             images = [hdf5.read_dataset(path, k) for k in keys]
         else:
