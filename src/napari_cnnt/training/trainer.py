@@ -90,7 +90,9 @@ class TrainSettings:
     ``blind_spot`` is the fraction of pixels hidden in every frame of a patch
     of a sample without truth (:mod:`~napari_cnnt.training.blindspot`);
     ``select="val_masked_loss"`` selects by the masked-pixel loss on the
-    validation samples, which needs no truth.
+    validation samples, which needs no truth. ``blind_frames > 0`` hides every
+    ``blind_frames``-th frame whole instead of scattered pixels, each replaced
+    by a neighbouring frame.
     """
 
     epochs: int = 30
@@ -119,6 +121,7 @@ class TrainSettings:
     augment: tuple[str, ...] = ("flip",)
     val_patch_size: tuple[int, int] | None = None
     blind_spot: float = 0.02
+    blind_frames: int = 0
 
     def __post_init__(self) -> None:
         def fix(name: str, value: Any) -> None:
@@ -140,7 +143,7 @@ class TrainSettings:
 
         for name in ("epochs", "time", "batch_size", "patches_per_sample", "val_patches_per_sample"):
             positive_int(name)
-        for name in ("steps_per_epoch", "patience"):
+        for name in ("steps_per_epoch", "patience", "blind_frames"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
                 raise ValueError(f"{name} must be a non-negative integer (0: off), got {v!r}")
@@ -479,7 +482,7 @@ class Trainer:
             # Drawn for the whole batch before it is shared, so the masks do not depend on the processes.
             mask = None
             if blind.any():
-                mask = draw_mask(noisy.shape, s.blind_spot, rng)
+                mask = draw_mask(noisy.shape, s.blind_spot, rng, s.blind_frames)
                 mask[~blind] = VISIBLE
             share = slice(ranks.rank, None, ranks.world_size)
             x = torch.from_numpy(noisy[share]).to(rt.device, non_blocking=True)
@@ -553,7 +556,8 @@ class Trainer:
         for k, (h, w) in enumerate(dict.fromkeys(chosen)):
             sampler = PatchSampler(self.val_samples, s.time, h, w, s.value_thres, s.area_thres)
             x, y = sampler.fixed_patches(s.val_patches_per_sample, seed=[s.seed, 0, 1 + k])
-            mask = draw_mask(x.shape, s.blind_spot, np.random.default_rng([s.seed, 0, 100 + k])) if masked else None
+            mask = draw_mask(x.shape, s.blind_spot, np.random.default_rng([s.seed, 0, 100 + k]),
+                             s.blind_frames) if masked else None
             share = slice(self.ranks.rank, None, self.ranks.world_size)
             parts.append({
                 "x": torch.from_numpy(x[share]), "y": torch.from_numpy(y[share]),
