@@ -55,20 +55,24 @@ def test_hidden_pixels_take_the_value_of_the_neighbour_named_never_a_hidden_one(
     assert torch.equal(out[untouched], x[untouched])
 
 
-def test_the_blind_spot_is_blind(tiny_config):
+@pytest.mark.parametrize("frames", [0, 2])
+def test_the_blind_spot_is_blind(tiny_config, frames):
     """The loss has exactly zero gradient with respect to every hidden pixel's input value, in every
     frame, through the whole network (instance norm and attention across time included), while the
-    visible pixels, the same positions in the other frames among them, do receive gradient."""
+    visible pixels, the same positions in the other frames among them, do receive gradient; so too
+    when whole frames are hidden."""
     torch.manual_seed(1)
     net = CNNTDenoiser(tiny_config.replace(height=32, width=32)).train()
     noisy = torch.rand(2, 4, 1, 32, 32, requires_grad=True)
-    picks = torch.from_numpy(draw_mask(tuple(noisy.shape), 0.02, np.random.default_rng(3)))
+    picks = torch.from_numpy(draw_mask(tuple(noisy.shape), 0.02, np.random.default_rng(3), frames))
     out = net(hide(noisy, picks))
     loss = masked_loss(out, noisy.detach(), picks)
     loss.backward()
     grad = noisy.grad
     mask = picks >= 0
     assert mask.sum() > 50
+    if frames:
+        assert (mask.reshape(2, 4, -1).all(-1).sum(1) == 2).all()  # every second frame, whole
     assert torch.count_nonzero(grad[mask]) == 0
     assert torch.count_nonzero(grad[~mask]) > 0.5 * (~mask).sum()
     # The same pixels in the other frames are legitimate evidence, and the network uses it.

@@ -34,6 +34,8 @@ RADIUS = 2
 WINDOW = (2 * RADIUS + 1) ** 2
 CENTRE = WINDOW // 2
 VISIBLE = -1
+# Codes of pixels of a hidden frame: replaced by the same pixel of the previous or the next frame.
+PREVIOUS, NEXT = WINDOW, WINDOW + 1
 
 
 def grid_for(fraction: float) -> int:
@@ -43,12 +45,18 @@ def grid_for(fraction: float) -> int:
     return max(2, round(1 / math.sqrt(fraction)))
 
 
-def draw_mask(shape: tuple[int, ...], fraction: float, rng: np.random.Generator) -> np.ndarray:
+def draw_mask(shape: tuple[int, ...], fraction: float, rng: np.random.Generator, frames: int = 0) -> np.ndarray:
     """Which pixels to hide and what replaces them, an int8 array of ``shape`` (``[..., H, W]``):
     :data:`VISIBLE` (-1), or for a hidden pixel the index in its flattened 5 x 5 window of the
     neighbour whose value replaces it (never :data:`CENTRE`). One pixel is hidden at random in
     every ``grid x grid`` box of every frame (boxes cut by the edge hide one when it falls inside);
-    ``mask >= 0`` is the boolean mask."""
+    ``mask >= 0`` is the boolean mask.
+
+    ``frames > 0`` hides whole frames instead: every ``frames``-th frame of each ``[B, T, 1, H, W]``
+    patch (from a random first one), each replaced by the previous or the next frame at random
+    (:data:`PREVIOUS`, :data:`NEXT`), which is never hidden itself."""
+    if frames:
+        return _frame_mask(shape, frames, rng)
     g = grid_for(fraction)
     *lead, H, W = shape
     n = int(np.prod(lead)) if lead else 1
@@ -63,6 +71,18 @@ def draw_mask(shape: tuple[int, ...], fraction: float, rng: np.random.Generator)
     pick = rng.integers(0, WINDOW - 1, int(inside.sum()))
     mask[frame[inside], ys[inside], xs[inside]] = pick + (pick >= CENTRE)  # skip the centre
     return mask.reshape(shape)
+
+
+def _frame_mask(shape: tuple[int, ...], every: int, rng: np.random.Generator) -> np.ndarray:
+    B, T = shape[:2]
+    if every < 2 or T < 2:
+        raise ValueError(f"hiding every {every}-th of {T} frames leaves no visible neighbour frame")
+    mask = np.full(shape, VISIBLE, np.int8)
+    for b in range(B):
+        for t in range(int(rng.integers(0, every)), T, every):
+            code = NEXT if t == 0 else PREVIOUS if t == T - 1 else (PREVIOUS, NEXT)[int(rng.integers(0, 2))]
+            mask[b, t] = code
+    return mask
 
 
 def hide(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -91,12 +111,17 @@ def hide(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     xx = _reflect(xx, W).reshape(len(n), -1)
     nn = n[:, None].expand_as(yy)
     usable = ~hidden[nn, yy, xx]  # the centre is hidden itself, so never used
+    code = picks[n, ys, xs]
+    in_time = code >= WINDOW  # a pixel of a hidden frame: the same pixel of a neighbour frame
     # The named neighbour, or the next usable one after it in the window.
-    order = torch.remainder(torch.arange(WINDOW, device=x.device)[None] - picks[n, ys, xs][:, None], WINDOW)
+    order = torch.remainder(torch.arange(WINDOW, device=x.device)[None] - code[:, None], WINDOW)
     chosen = torch.where(usable, order, torch.full_like(order, WINDOW)).argmin(dim=1)
     rows = torch.arange(len(n), device=x.device)
     values = frames.detach()[nn[rows, chosen], yy[rows, chosen], xx[rows, chosen]]
-    lonely = ~usable.any(dim=1)
+    if in_time.any():
+        source = n[in_time] + torch.where(code[in_time] == PREVIOUS, -1, 1)
+        values[in_time] = frames.detach()[source, ys[in_time], xs[in_time]]
+    lonely = ~usable.any(dim=1) & ~in_time
     if lonely.any():  # a window entirely hidden (tiny grids only)
         values[lonely] = torch.stack([frames[i].detach()[~hidden[i]].mean() for i in n[lonely]]).to(values.dtype)
     replaced = torch.zeros_like(frames)
@@ -128,4 +153,4 @@ def masked_loss(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     return diff.square().sum() / count
 
 
-__all__ = ["RADIUS", "VISIBLE", "draw_mask", "grid_for", "hide", "masked_loss"]
+__all__ = ["NEXT", "PREVIOUS", "RADIUS", "VISIBLE", "draw_mask", "grid_for", "hide", "masked_loss"]

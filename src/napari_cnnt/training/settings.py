@@ -46,7 +46,9 @@ class TrainSettings:
     ``blind_spot`` is the fraction of pixels hidden in every frame of a patch
     of a sample without truth (:mod:`~napari_cnnt.training.blindspot`);
     ``select="val_masked_loss"`` selects by the masked-pixel loss on the
-    validation samples, which needs no truth.
+    validation samples, which needs no truth. ``blind_frames > 0`` hides every
+    ``blind_frames``-th frame whole instead of scattered pixels, each replaced
+    by a neighbouring frame.
     """
 
     epochs: int = 30
@@ -75,6 +77,7 @@ class TrainSettings:
     augment: tuple[str, ...] = ("flip",)
     val_patch_size: tuple[int, int] | None = None
     blind_spot: float = 0.02
+    blind_frames: int = 0
 
     def __post_init__(self) -> None:
         def fix(name: str, value: Any) -> None:
@@ -100,7 +103,7 @@ class TrainSettings:
 
         for name in ("epochs", "time", "batch_size", "patches_per_sample", "val_patches_per_sample"):
             positive_int(name)
-        for name in ("steps_per_epoch", "patience"):
+        for name in ("steps_per_epoch", "patience", "blind_frames"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
                 raise ValueError(f"{name} must be a non-negative integer (0: off), got {v!r}")

@@ -259,7 +259,7 @@ class Trainer:
             # Drawn for the whole batch before it is shared, so the masks do not depend on the processes.
             mask = None
             if blind.any():
-                mask = draw_mask(noisy.shape, s.blind_spot, rng)
+                mask = draw_mask(noisy.shape, s.blind_spot, rng, s.blind_frames)
                 mask[~blind] = VISIBLE
             share = slice(ranks.rank, None, ranks.world_size)
             x = torch.from_numpy(noisy[share]).to(rt.device, non_blocking=True)
@@ -333,7 +333,8 @@ class Trainer:
         for k, (h, w) in enumerate(dict.fromkeys(chosen)):
             sampler = PatchSampler(self.val_samples, s.time, h, w, s.value_thres, s.area_thres)
             x, y = sampler.fixed_patches(s.val_patches_per_sample, seed=[s.seed, 0, 1 + k])
-            mask = draw_mask(x.shape, s.blind_spot, np.random.default_rng([s.seed, 0, 100 + k])) if masked else None
+            mask = draw_mask(x.shape, s.blind_spot, np.random.default_rng([s.seed, 0, 100 + k]),
+                             s.blind_frames) if masked else None
             share = slice(self.ranks.rank, None, self.ranks.world_size)
             parts.append({
                 "x": torch.from_numpy(x[share]), "y": torch.from_numpy(y[share]),
