@@ -101,7 +101,8 @@ def listing(folder: Path) -> set[str]:
 def message_of(result: Result) -> str:
     if result.error is not None:
         return str(result.error)
-    lines = [ln for ln in result.stderr.splitlines() if "error:" in ln or "Traceback" in ln]
+    lines = [ln for ln in result.stderr.splitlines()
+             if ln.startswith("napari-cnnt ") or "error:" in ln or "Traceback" in ln]
     return "\n".join(lines) if lines else result.stderr.strip()
 
 
@@ -755,7 +756,8 @@ def training_file_declaring_huge_samples():
                 g.create_dataset(k, shape=(64, 20000, 20000), dtype="f4", chunks=(1, 256, 256), compression="gzip")
         return {"names": ["pairs.h5"]}
     return setup, _capped("from napari_cnnt.training.data import samples_from_h5\n"
-                          "value = len(samples_from_h5('pairs.h5'))", "pairs.h5")
+                          "from napari_cnnt.normalization import Normalization\n"
+                          "value = len(samples_from_h5('pairs.h5', Normalization()))", "pairs.h5")
 
 
 # 4. Model files ---------------------------------------------------------------------------
@@ -767,10 +769,10 @@ def _load(name: str, config: Any = None) -> Callable:
     return run
 
 
-def _model_case(klass, name, expect, make, file="m.safetensors", capped=False):
+def _model_case(klass, name, expect, make, file="m.safetensors", capped=False, names=()):
     def setup(d):
         make(d / file)
-        return {"names": [file], "protect": [file]}
+        return {"names": list(names or [file]), "protect": [file]}
     if capped:
         run = _capped(f"from napari_cnnt.model.checkpoint import load_model\nm = load_model({file!r})\n"
                       "value = sum(p.numel() for p in m.parameters())", file)
@@ -818,8 +820,12 @@ _model_case(4, "channel_count_as_text", r"m\.safetensors: damaged model header",
 _model_case(4, "fractional_blocks_per_set", r"m\.safetensors: damaged model header",
             lambda p: with_config(p, blocks_per_set=1.5))
 _model_case(4, "two_byte_pt", r"m\.pt: not a CNNT model file", lambda p: p.write_bytes(b"\x80\x02"), file="m.pt")
-_model_case(4, "random_pt", r"m\.pt: (truncated or corrupted|not a CNNT)", lambda p: p.write_bytes(
-    b"\x80" + RNG.bytes(3000)) or p.with_suffix(".json").write_text("{}"), file="m.pt")
+def _random_pt(p: Path) -> None:
+    p.write_bytes(b"\x80" + RNG.bytes(3000))
+    p.with_suffix(".json").write_text(json.dumps({"blocks": [16, 24, 32]}))
+
+
+_model_case(4, "random_pt", r"m\.pt: (truncated or corrupted|not a CNNT|holds Python objects)", _random_pt, file="m.pt")
 
 
 def _nan_safetensors(p: Path) -> Path:
@@ -840,7 +846,8 @@ _model_case(4, "with_mixer_not_a_flag", r"m\.pt: its configuration cannot descri
 _model_case(4, "im_value_scale_as_text", r"m\.pt: its configuration cannot describe",
             lambda p: reference_pt(p, {"im_value_scale": "0 65536"}), file="m.pt")
 _model_case(4, "reference_json_a_list", r"m\.json: expected a JSON object",
-            lambda p: reference_pt(p) and p.with_suffix(".json").write_text("[1, 2, 3]"), file="m.pt")
+            lambda p: reference_pt(p) and p.with_suffix(".json").write_text("[1, 2, 3]"), file="m.pt",
+            names=["m.json"])
 
 
 def _pickle_with_code(p: Path) -> None:
