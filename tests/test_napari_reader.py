@@ -9,6 +9,7 @@ import pytest
 import tifffile
 
 import napari_cnnt.io as cnnt_io
+from napari_cnnt.errors import ImageFileError
 from napari_cnnt.napari.reader import get_reader
 
 pytestmark = pytest.mark.gui

@@ -104,6 +104,10 @@ def run_denoise(args: argparse.Namespace) -> int:
             )
         except DataError as e:
             raise DataError(f"{args.input}: {e}") from None
+        except InputError:
+            raise
+        except (ValueError, TypeError) as e:  # denoise's checks of --tile, --overlap, --time-axis and the data
+            raise UsageError(f"{args.input}: {e}") from None
         except (OSError, zlib.error) as e:  # h5py and the TIFF decoders, on damaged data
             raise ImageFileError(f"{args.input}: the image data cannot be read, the file may be damaged "
                                  f"({' '.join(str(e).split())})") from None

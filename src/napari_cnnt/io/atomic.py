@@ -37,17 +37,38 @@ _OS_REASONS = {
 }
 
 
-def os_reason(error: OSError) -> str:
-    """A plain sentence fragment for why a write failed."""
+def os_reason(error: BaseException) -> str:
+    """A plain sentence fragment for why a write failed (HDF5 puts the errno in its message)."""
     code = getattr(error, "errno", None)
     if code in _OS_REASONS:
         return _OS_REASONS[code]
     text = str(error)
-    if "No space left" in text:
+    if "No space left" in text or "errno = 28," in text:
         return "the disk is full"
     if "requested and" in text and "written" in text:  # a short write (tifffile): almost always a full disk
         return "the disk is full (fewer bytes were written than requested)"
-    return error.strerror or " ".join(text.split()) or type(error).__name__
+    return getattr(error, "strerror", None) or " ".join(text.split()) or type(error).__name__
+
+
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """Bytes the current user can still write in ``folder``'s file system (None if unknown)."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def check_room(path: str | os.PathLike, needed: int, error: type = ImageFileError) -> None:
+    """Refuse to go on writing ``path`` when its disk has less than ``needed`` bytes free.
+
+    For writers whose library cannot survive a full disk (HDF5 crashes the
+    process at exit after a failed write), this stops before the disk fills.
+    """
+    free = free_bytes(Path(path).parent)
+    if free is not None and free < needed:
+        raise error(f"{path}: could not be written: the disk is full ({free / 1e6:.1f} MB free, "
+                    f"{needed / 1e6:.1f} MB needed to go on)")
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -191,4 +212,4 @@ def write_bytes(
     return path
 
 
-__all__ = ["atomic_path", "check_output", "os_reason", "same_file", "source_files", "write_bytes"]
+__all__ = ["atomic_path", "check_output", "check_room", "free_bytes", "os_reason", "same_file", "source_files", "write_bytes"]

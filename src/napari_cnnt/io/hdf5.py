@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import io as cnnt_io
 from . import Image, ImageFileError, default_axes, normalize_unit
-from .atomic import atomic_path, same_file
+from .atomic import atomic_path, check_room, os_reason, same_file
 from .limits import check_declared
 
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -333,7 +333,16 @@ def _crc(a: np.ndarray, crc: int = 0) -> int:
     return zlib.crc32(a.reshape(-1).view(np.uint8), crc)
 
 
-def _write_dataset(group: h5py.Group, key: str, data: Any, attrs: dict[str, Any]) -> tuple:
+# HDF5 holds up to this much written data in its chunk cache, to be flushed later.
+_CHUNK_CACHE = 1 << 20
+
+
+def _room(frame_bytes: int) -> int:
+    """Free space to demand before writing a frame: the frame, what the cache may still flush, metadata."""
+    return 2 * frame_bytes + 2 * _CHUNK_CACHE + (1 << 20)
+
+
+def _write_dataset(group: h5py.Group, key: str, data: Any, attrs: dict[str, Any], path: Any = None) -> tuple:
     """Copy ``data`` frame by frame along its first axis, so lazy sources are never loaded whole.
 
     Returns what the file must give back: shape, data type and checksum.
@@ -347,13 +356,16 @@ def _write_dataset(group: h5py.Group, key: str, data: Any, attrs: dict[str, Any]
         shuffle=len(shape) >= 2,
     )
     crc = 0
+    target = path if path is not None else group.file.filename  # named in messages; in the same folder
     if len(shape) <= 2:
         values = np.asarray(data, dtype=dtype)
+        check_room(target, _room(values.nbytes))
         ds[...] = values
         crc = _crc(values)
     else:
         for i in range(shape[0]):
             frame = np.asarray(data[i], dtype=dtype)
+            check_room(target, _room(frame.nbytes))
             ds[i] = frame
             crc = _crc(frame, crc)
     for name, value in attrs.items():
@@ -391,8 +403,16 @@ def _write_file(path: Any, overwrite: bool, inputs: Sequence[Any], fill: Any) ->
         try:
             expected = fill(f)
             f.flush()
-        finally:
+        except BaseException as e:
+            with contextlib.suppress(Exception):  # the first error says what went wrong; closing may add others
+                f.close()
+            if isinstance(e, (OSError, RuntimeError)):  # HDF5 reports failed writes as either
+                raise ImageFileError(f"{path}: could not be written: {os_reason(e)}") from None
+            raise
+        try:
             f.close()
+        except (OSError, RuntimeError) as e:
+            raise ImageFileError(f"{path}: could not be written: {os_reason(e)}") from None
         _verify(path, tmp, expected)
 
 
@@ -412,7 +432,7 @@ def write_images_hdf5(path: str | os.PathLike, images: Sequence[Image], overwrit
                 attrs["element_size_um"] = scale
             elif np.any(scale != 1.0):
                 attrs.update(scale=scale, unit=im.unit)
-            expected[im.name] = _write_dataset(f, im.name, im.data, attrs)
+            expected[im.name] = _write_dataset(f, im.name, im.data, attrs, path)
         return expected
 
     _write_file(path, overwrite, [im.data for im in images], fill)
@@ -471,8 +491,8 @@ def write_training_pairs(
         for name, (noisy, clean) in zip(names, pairs):
             group = f.create_group(name, track_order=True)
             axes = default_axes(len(noisy.shape))
-            expected[f"{name}/{NOISY}"] = _write_dataset(group, NOISY, noisy, {"axes": axes})
-            expected[f"{name}/{CLEAN}"] = _write_dataset(group, CLEAN, clean, {"axes": axes})
+            expected[f"{name}/{NOISY}"] = _write_dataset(group, NOISY, noisy, {"axes": axes}, path)
+            expected[f"{name}/{CLEAN}"] = _write_dataset(group, CLEAN, clean, {"axes": axes}, path)
         return expected
 
     _write_file(path, overwrite, [a for pair in pairs for a in pair], fill)

@@ -1,5 +1,9 @@
 """npe2 writers: an image layer to TIFF, image layers to HDF5, and a noisy/clean
 pair of layers to a CNNT training file (the data fine-tuning reads).
+
+napari calls a writer for the path its save dialog chose, after that dialog
+confirmed replacing an existing file, so the writers replace files
+(``overwrite=True``); the file a layer is read from is still never written.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def layer_image(data: Any, meta: dict) -> Image:
 def write_tiff(path: str, data: Any, meta: dict) -> list[str]:
     with _reporting():
         im = layer_image(data, meta)
-        tiff.write_tiff(path, im.data, axes=im.axes, scale=im.scale, unit=im.unit)
+        tiff.write_tiff(path, im.data, axes=im.axes, scale=im.scale, unit=im.unit, overwrite=True)
     return [path]
 
 
@@ -69,7 +73,7 @@ def write_hdf5(path: str, layer_data: list[LayerData]) -> list[str]:
         images = [layer_image(data, meta) for data, meta, _ in layer_data]
         for im in images:
             im.name = "/".join(part for part in im.name.split("/") if part) or "image"
-        hdf5.write_images_hdf5(path, images)
+        hdf5.write_images_hdf5(path, images, overwrite=True)
     return [path]
 
 
@@ -109,5 +113,5 @@ def training_pairs(layer_data: list[LayerData]) -> tuple[list[tuple[Any, Any]], 
 def write_training_pairs(path: str, layer_data: list[LayerData]) -> list[str]:
     with _reporting():
         pairs, names = training_pairs(layer_data)
-        hdf5.write_training_pairs(path, pairs, names)
+        hdf5.write_training_pairs(path, pairs, names, overwrite=True)
     return [path]
