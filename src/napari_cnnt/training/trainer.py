@@ -367,7 +367,7 @@ class Trainer:
                     with rt.autocast():
                         out = model(hide(x, m))
                     count = float((m >= 0).sum())
-                    sums[4] += masked_loss(out, y, m).item() * count
+                    sums[4] += masked_loss(out, x, m).item() * count  # against the noisy values, truth or not
                     sums[5] += count
         loss, p, q, n, sq, hidden = distributed.sum_across(sums, self.ranks, rt.device)
         nan = math.nan
