@@ -53,7 +53,7 @@ CLASSES = {
 }
 MEMORY_CAP = 3 << 30  # bytes of address space for memory-risky cases
 SUBPROCESS_TIMEOUT = 60
-FORBIDDEN = ("weights_only", "Traceback")
+FORBIDDEN = ("weights_only", "Traceback", "refused the file")  # torch's unsafe advice; napari's reasonless refusal
 
 
 # ----------------------------------------------------------------------------- results
