@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import re
 
-import pytest
-
 import hostile_cases as hc
+import pytest
 
 MOUNT = hc.can_mount()
 

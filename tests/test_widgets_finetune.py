@@ -77,6 +77,19 @@ def test_finetune_two_epochs_on_the_sample_data_save_reload_and_denoise(
     for k, v in result.entry.model.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[k], v)
 
+    # A file is replaced only where Qt's save dialog asked about it; a name the dialog did not show is refused.
+    saved.write_bytes(b"older model")
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(saved), ""))
+    click(qtbot, widget.save_button)
+    assert load_model(saved).config == result.entry.model.config
+    older = target.with_name("older.safetensors")
+    older.write_bytes(b"older model")
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(target.with_name("older")), ""))
+    click(qtbot, widget.save_button)
+    assert older.read_bytes() == b"older model"
+    assert any("older.safetensors: already exists" in m for m in errors(notes))
+    notes.clear()
+
     # Denoise a crop with the saved file, opened in the denoise widget.
     crop = viewer.add_image(np.asarray(noisy.data[:8, :32, :32]), name="crop", scale=noisy.scale, units=noisy.units)
     monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(saved), ""))

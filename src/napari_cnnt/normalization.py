@@ -6,8 +6,8 @@ so the scaling is stored in the model file and applied by ``denoise``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 import math
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np

@@ -8,9 +8,7 @@ never replace a file unless asked (``overwrite=True``): see :mod:`.atomic`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,4 +85,6 @@ __all__ = [
     "check_output",
     "default_axes",
     "normalize_unit",
+    "same_file",
+    "source_files",
 ]
