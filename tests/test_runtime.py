@@ -105,3 +105,15 @@ def test_tf32_is_switched_on_for_our_own_cuda_calls_only():
             assert not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.bf16
+def test_the_fast_path_leaves_no_autocast_behind(tiny_config):
+    """Autocast is thread-local state: after a fast prediction the caller's arithmetic is float32 again."""
+    rt = Runtime.create("cpu", fast=True)
+    model = rt.prepare(CNNTDenoiser(tiny_config).eval())
+    assert rt.predict(model, torch.rand(1, 4, 1, 16, 16)).dtype == torch.float32
+    assert not torch.is_autocast_enabled("cpu")
+    with rt.autocast():
+        assert torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")

@@ -167,13 +167,15 @@ class Runtime:
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
         """The block's arithmetic: bfloat16 autocast on the fast path, TF32 on CUDA (:meth:`precision`)."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(self.precision())
-        if self.fast:
-            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
-        return stack
+        with self.precision():
+            if not self.fast:
+                yield
+                return
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                yield
 
     def inference_copy(self, model: nn.Module) -> nn.Module:
         """A frozen copy of ``model`` for :meth:`predict`; ``model`` itself is untouched.
