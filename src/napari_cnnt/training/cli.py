@@ -442,7 +442,8 @@ class _Reporter:
             val.append(f"val loss {r['val_loss']:.4f}, val PSNR {r['val_psnr']:.2f} dB, val SSIM {r['val_ssim']:.4f}")
         if not math.isnan(r.get("val_masked_loss", math.nan)):
             val.append(f"val masked-pixel loss {r['val_masked_loss']:.5f}")
-        log.info(f"epoch {p.epoch}/{p.epochs}: train loss {r['train_loss']:.4f}, {', '.join(val or ['no validation'])}, "
+        scores = ", ".join(val or ["no validation"])
+        log.info(f"epoch {p.epoch}/{p.epochs}: train loss {r['train_loss']:.4f}, {scores}, "
                  f"lr {r['lr']:.2e}, {r['seconds']:.1f} s{left}")
         p.history.to_csv(self.metrics_path)
 
