@@ -695,8 +695,9 @@ def hdf5_huge_cli():
     def setup(d):
         _huge_h5(d)
         return {"names": ["huge.h5"], "allow": [".napari-cnnt"]}
-    return setup, _capped(CLI_IN_SUBPROCESS + "with contextlib.redirect_stderr(err):\n    rc = main(['denoise', 'huge.h5', "
-                          "'--device', 'cpu'])\n" + CLI_ERROR, "huge.h5")
+    code = ("with contextlib.redirect_stderr(err):\n    rc = main(['denoise', 'huge.h5', '--device', 'cpu'])\n"
+            + CLI_ERROR)
+    return setup, _capped(CLI_IN_SUBPROCESS + code, "huge.h5")
 
 
 @case(3, r"huge\.h5: dataset 'x' declares")

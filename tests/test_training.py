@@ -263,7 +263,8 @@ def test_absurd_settings_are_refused(model, options, message):
 def test_other_bad_calls(model, tiny_config):
     with pytest.raises(TypeError, match="unknown training option"):
         napari_cnnt.finetune(model, [pair("filaments", 0)], learning_rate=1)
-    with pytest.raises(ValueError, match="unknown recipe 'paper'; choose from few-sample, self-supervised, reference, backbone"):
+    choices = "few-sample, self-supervised, reference, backbone"
+    with pytest.raises(ValueError, match=f"unknown recipe 'paper'; choose from {choices}"):
         napari_cnnt.finetune(model, [pair("filaments", 0)], "paper")
     with pytest.raises(TypeError, match="CNNTDenoiser"):
         napari_cnnt.finetune("model.pt", [pair("filaments", 0)])

@@ -276,7 +276,7 @@ def test_closing_the_widget_or_the_viewer_stops_training(make_napari_viewer, qtb
         _quick(widget, add_model(tiny_model, "tiny"), epochs=1000)
         click(qtbot, widget.start_button)
         job = widget.job
-        qtbot.waitUntil(lambda: widget.progress.bar.value > 0, timeout=20_000)
+        qtbot.waitUntil(lambda widget=widget: widget.progress.bar.value > 0, timeout=20_000)
         if close == "widget":
             viewer.window.remove_dock_widget(widget.native)
         else:

@@ -44,4 +44,6 @@ class UsageError(InputError):
     """A command-line option or argument that cannot be used."""
 
 
-__all__ = ["CheckpointError", "DataError", "ImageFileError", "InputError", "TrainingSettingsError", "UsageError", "one_line"]
+__all__ = [
+    "CheckpointError", "DataError", "ImageFileError", "InputError", "TrainingSettingsError", "UsageError", "one_line",
+]

@@ -212,4 +212,6 @@ def write_bytes(
     return path
 
 
-__all__ = ["atomic_path", "check_output", "check_room", "free_bytes", "os_reason", "same_file", "source_files", "write_bytes"]
+__all__ = [
+    "atomic_path", "check_output", "check_room", "free_bytes", "os_reason", "same_file", "source_files", "write_bytes",
+]

@@ -125,9 +125,15 @@ class CNNTConfig:
         return ["instance"] + ["batch"] * (n_sets - 2) + ["instance"]
 
     def _validate(self) -> None:
-        def fail(msg: str) -> None:
-            raise ConfigError(f"invalid CNNT configuration: {msg}")
+        self._validate_channels()
+        self._validate_layers()
 
+    @staticmethod
+    def _fail(msg: str) -> None:
+        raise ConfigError(f"invalid CNNT configuration: {msg}")
+
+    def _validate_channels(self) -> None:
+        fail = self._fail
         if not 2 <= len(self.blocks) <= 4:
             fail(f"blocks must list 2 to 4 channel counts, got {list(self.blocks)}")
         if any(b <= 0 for b in self.blocks):
@@ -139,6 +145,9 @@ class CNNTConfig:
                 fail(f"every channel count must be divisible by n_head={self.n_head}, got {b}")
         if len(self.pre_channels) != 2 or any(c <= 0 for c in self.pre_channels):
             fail(f"pre_channels must be two positive channel counts, got {list(self.pre_channels)}")
+
+    def _validate_layers(self) -> None:
+        fail = self._fail
         if self.blocks_per_set < 1:
             fail(f"blocks_per_set must be at least 1, got {self.blocks_per_set}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:

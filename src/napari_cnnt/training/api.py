@@ -37,7 +37,9 @@ def load_samples(data: Any, normalization: Normalization, prefix: str) -> list[S
     return samples_from_pairs(data, normalization, prefix)
 
 
-def provenance(history: History, base: str | None, settings: TrainSettings, recipe: str | None = None) -> dict[str, Any]:
+def provenance(
+    history: History, base: str | None, settings: TrainSettings, recipe: str | None = None
+) -> dict[str, Any]:
     """What a trained model's file records about its training (see ``save_model``)."""
     meta = {
         "training_data": history.split.to_dict() if history.split else None,

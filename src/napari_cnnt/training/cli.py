@@ -43,8 +43,9 @@ MODEL_FLAGS = ("blocks", "blocks_per_set", "n_head", "kernel_size", "stride", "p
                "norm_mode", "with_mixer", "no_residual")
 
 # Each command's default recipe, and the recipes it offers.
-COMMAND_RECIPES = {"train": ("backbone", ("backbone", "reference", "few-sample")),
-                   "finetune": ("few-sample", ("few-sample", "self-supervised", "reference"))}
+# The recipes each command offers; its default is the API's (``train()``'s, ``finetune()``'s).
+COMMAND_RECIPES = {"train": ("backbone", "reference", "few-sample"),
+                   "finetune": ("few-sample", "self-supervised", "reference")}
 # Command-line flags that set a TrainSettings field directly: flag -> field.
 FLAG_SETTINGS = {
     "num_epochs": "epochs", "global_lr": "lr", "loss": "loss", "loss_weights": "loss_weights", "time": "time",
@@ -93,9 +94,10 @@ def _add(subparsers: Any, command: str, help_text: str, description: str) -> Non
                "--num_samples_wandb, --num_test_samples_wandb) and --save_cycle, --test_image_path are "
                "accepted and ignored. Under torchrun --nproc_per_node N the command trains data-parallel.",
     )
-    from .recipes import RECIPES
+    from .recipes import DEFAULT_FINETUNE, DEFAULT_TRAIN, RECIPES
 
-    default_recipe, offered = COMMAND_RECIPES[command]
+    offered = COMMAND_RECIPES[command]
+    default_recipe = DEFAULT_TRAIN if command == "train" else DEFAULT_FINETUNE
     r = RECIPES[default_recipe].settings
     auto = RECIPES[default_recipe].auto
 
@@ -442,7 +444,8 @@ class _Reporter:
             val.append(f"val loss {r['val_loss']:.4f}, val PSNR {r['val_psnr']:.2f} dB, val SSIM {r['val_ssim']:.4f}")
         if not math.isnan(r.get("val_masked_loss", math.nan)):
             val.append(f"val masked-pixel loss {r['val_masked_loss']:.5f}")
-        log.info(f"epoch {p.epoch}/{p.epochs}: train loss {r['train_loss']:.4f}, {', '.join(val or ['no validation'])}, "
+        scores = ", ".join(val or ["no validation"])
+        log.info(f"epoch {p.epoch}/{p.epochs}: train loss {r['train_loss']:.4f}, {scores}, "
                  f"lr {r['lr']:.2e}, {r['seconds']:.1f} s{left}")
         p.history.to_csv(self.metrics_path)
 

@@ -425,7 +425,9 @@ class PatchSampler:
                 best, best_area = (noisy, clean), area
         return best
 
-    def batch(self, indices: Sequence[int], rng: np.random.Generator, flip: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def batch(
+        self, indices: Sequence[int], rng: np.random.Generator, flip: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Patches of the given samples as ``[B, time, 1, height, width]`` arrays."""
         pairs = [self.draw(i, rng, flip) for i in indices]
         return np.stack([p[0] for p in pairs])[:, :, None], np.stack([p[1] for p in pairs])[:, :, None]
