@@ -54,8 +54,9 @@ def draw_mask(shape: tuple[int, ...], fraction: float, rng: np.random.Generator,
 
     ``frames > 0`` hides whole frames instead: every ``frames``-th frame of each ``[B, T, 1, H, W]``
     patch (from a random first one), each replaced by the previous or the next frame at random
-    (:data:`PREVIOUS`, :data:`NEXT`), which is never hidden itself."""
-    if frames:
+    (:data:`PREVIOUS`, :data:`NEXT`), which is never hidden itself; patches of one frame hide
+    pixels."""
+    if frames and len(shape) >= 4 and shape[1] > 1:  # single frames have no neighbours in time
         return _frame_mask(shape, frames, rng)
     g = grid_for(fraction)
     *lead, H, W = shape
