@@ -337,10 +337,15 @@ def main() -> None:
     ap.add_argument("--png", type=Path, default=RESULTS / "selfsupervised.png")
     ap.add_argument("--regions-png", type=Path, default=RESULTS / "selfsupervised_region.png")
     ap.add_argument("--append", action="store_true", help="add to the CSV instead of replacing it")
+    ap.add_argument("--plot-only", action="store_true", help="only draw the plot of the rows in --csv")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(one_run(json.loads(args.child))), flush=True)
+        return
+    if args.plot_only:
+        with open(args.csv) as f:
+            plot(list(csv.DictReader(f)), args.png)
         return
 
     rows = []

@@ -134,6 +134,11 @@ def test_the_masked_loss_ranks_denoisers_as_the_truth_does():
     assert good < bad
 
 
+def test_single_frames_hide_pixels_when_frames_are_asked():
+    mask = draw_mask((2, 1, 1, 32, 32), 0.02, np.random.default_rng(0), frames=4)
+    assert 0 < (mask >= 0).mean() < 0.05
+
+
 def test_pairs_and_noisy_stacks_mix(model):
     noisy, clean = stack(1, "filaments")
     data = [(noisy, clean), stack(2)[0], stack(3)[0]]
@@ -180,11 +185,12 @@ def test_command_line_finetunes_on_noisy_files_alone(tiny_config, tmp_path, monk
     save_model(base, "base.safetensors")
     rc = main(["finetune", "--noisy", "a.tif", "b.h5:recording", "--load_path", "base.safetensors",
                "--num_epochs", "2", "--steps_per_epoch", "2", "--batch_size", "2", "--time", "4", "--height", "16",
-               "--width", "16", "--no-fast", "--run_name", "ss", "--blind_spot", "0.03"])
+               "--width", "16", "--no-fast", "--run_name", "ss", "--blind_frames", "0", "--blind_spot", "0.03"])
     assert rc == 0
     model = load_model("logs/model/ss.safetensors")
     training = model.metadata["training"]
     assert training["recipe"] == "self-supervised" and training["blind_spot"] == 0.03
+    assert training["blind_frames"] == 0
     assert len(model.metadata["training_data"]["train"]) == 2
     with open("logs/results/ss_metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -1,25 +1,29 @@
 """The blind-spot objective: learning to denoise from noisy stacks alone (Noise2Void, N2V2).
 
-A few pixels of every frame are hidden from the network: each is replaced by
-the value of a random neighbour in the same frame (within a 5 x 5 window,
-never itself nor another hidden pixel), so no input value carries a hidden
-pixel's value.
-The loss is computed at the hidden pixels only, against their noisy values:
-since the noise of a pixel is independent of everything the network sees,
-the best prediction of its noisy value is its clean value. The same pixel in
-the other frames stays visible: its noise is independent too, so it is
-legitimate evidence, and it is what a time-lapse model adds over a
-single-frame Noise2Void.
+Some pixels are hidden from the network and the loss is computed at those
+pixels only, against their noisy values: since the noise of a pixel is
+independent of everything the network sees, the best prediction of its noisy
+value is its clean value. Two ways of hiding (:func:`draw_mask`):
 
-The hidden pixels are drawn by stratified sampling (one per ``grid x grid``
-box of every frame) so they are spread evenly. A neighbour's noisy value
-rather than a local median (N2V2's choice) keeps the input at a hidden pixel
-as noisy as at any other: with the smoother median the network learns to
-trust the centre pixel more than its noise warrants, and its ordinary output,
-where every pixel is visible, gets worse while its blind predictions improve
-(measured with ``benchmarks/bench_selfsupervised.py``). N2V2's checkerboard
-artefacts came from copies that may include the pixel itself, which this
-replacement never uses.
+- whole frames (the self-supervised recipe's): every N-th frame of a patch,
+  each replaced by its previous or next frame. The neighbouring frame's noise
+  is independent and as strong, so the network trains on inputs as noisy as
+  those it denoises, and a large share of the pixels carries a loss;
+- scattered pixels, Noise2Void's way: one pixel per ``grid x grid`` box of
+  every frame, replaced by the value of a random neighbour in the same frame
+  (within a 5 x 5 window, never itself nor another hidden pixel). The same
+  pixel in the other frames stays visible: its noise is independent too, so
+  it is legitimate evidence, and it is what a time-lapse model adds over a
+  single-frame Noise2Void. A neighbour's noisy value rather than a local
+  median (N2V2's choice) keeps the input at a hidden pixel as noisy as at
+  any other: with the smoother median the network learns to trust the centre
+  pixel more than its noise warrants, and its ordinary output, where every
+  pixel is visible, got worse while its blind predictions did not improve
+  (``benchmarks/bench_selfsupervised.py``). N2V2's checkerboard artefacts
+  came from copies that may include the pixel itself, which this never uses.
+
+Either way no input value carries a hidden pixel's value, so the loss has no
+gradient with respect to it.
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ def draw_mask(shape: tuple[int, ...], fraction: float, rng: np.random.Generator,
 
     ``frames > 0`` hides whole frames instead: every ``frames``-th frame of each ``[B, T, 1, H, W]``
     patch (from a random first one), each replaced by the previous or the next frame at random
-    (:data:`PREVIOUS`, :data:`NEXT`), which is never hidden itself."""
-    if frames:
+    (:data:`PREVIOUS`, :data:`NEXT`), which is never hidden itself; patches of one frame hide
+    pixels."""
+    if frames and len(shape) >= 4 and shape[1] > 1:  # single frames have no neighbours in time
         return _frame_mask(shape, frames, rng)
     g = grid_for(fraction)
     *lead, H, W = shape

@@ -57,7 +57,7 @@ FLAG_SETTINGS = {
 # How a refused setting is called on the command line.
 SETTING_FLAGS = {v: f"--{k}" for k, v in FLAG_SETTINGS.items()} | {
     "patch_sizes": "--height/--width", "betas": "--beta1/--beta2", "val_patch_size": "--height/--width",
-    "blind_spot": "--blind_spot",
+    "blind_spot": "--blind_spot", "blind_frames": "--blind_frames",
 }
 
 log = logging.getLogger("napari_cnnt.training")
@@ -122,8 +122,11 @@ def _add(subparsers: Any, command: str, help_text: str, description: str) -> Non
                        help="noisy stacks without clean images, trained on self-supervised: TIFF files (every "
                             "series) or HDF5 files (every image dataset, or the one named after a colon); the "
                             "last quarter of each validates when there are up to three, else the last fifth")
+        g.add_argument("--blind_frames", type=int, metavar="N",
+                       help="the self-supervised objective hides every N-th frame of a patch whole; 0: scattered "
+                            "pixels of every frame instead (self-supervised recipe: 4)")
         g.add_argument("--blind_spot", type=float, metavar="FRACTION",
-                       help="fraction of the pixels of every frame hidden by the self-supervised objective "
+                       help="with --blind_frames 0, the fraction of the pixels of every frame hidden "
                             "(self-supervised recipe: 0.02)")
     g.add_argument("--test_case", nargs="+", metavar="H5",
                    help="HDF5 files whose samples are denoised whole after training to report test metrics "
@@ -295,8 +298,9 @@ def _options(args: argparse.Namespace, new_model: bool) -> dict[str, Any]:
     """The settings given on the command line, as ``TrainSettings`` fields (the recipe gives the rest)."""
     recipe = _recipe(args).settings
     options = {field: getattr(args, flag) for flag, field in FLAG_SETTINGS.items() if getattr(args, flag) is not None}
-    if getattr(args, "blind_spot", None) is not None:
-        options["blind_spot"] = args.blind_spot
+    for name in ("blind_spot", "blind_frames"):
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
     for name in ("loss", "loss_weights"):
         if name in options:
             options[name] = tuple(options[name])

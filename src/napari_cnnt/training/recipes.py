@@ -104,22 +104,21 @@ BACKBONE = Recipe(
 SELF_SUPERVISED = Recipe(
     "self-supervised",
     "Fine-tuning on noisy stacks alone, without clean images (the default when a sample has "
-    "none): the blind-spot objective hides 2 % of the pixels of every frame (one per 7 x 7 box), "
-    "each replaced by the median of its neighbours, and the loss is the squared error at those "
-    "pixels against their noisy values; the same pixels in the other frames stay visible. "
-    "A budget of 120 optimiser steps (12 rounds of 10, validated after each; fewer rounds, at "
-    "least 3, where they would take more than 8 minutes on this machine), 4 random patches a step, "
-    "flips, quarter turns and time reversal; AdamW at up to 2e-4 with a 10 % warm-up and a cosine "
-    "decay. Patches of up to 64 x 64 x 16 frames. Validation is the masked-pixel loss on held-out "
-    "regions (8 fixed patches a sample, the same pixels hidden every time); the starting weights "
-    "are validated too and kept unless it improves. Pairs given beside noisy stacks train with "
-    "ssim + mse.",
+    "none): a blind-spot objective in time hides every fourth frame of each patch whole, each "
+    "replaced by its previous or next frame (whose noise is independent), and the loss is the "
+    "squared error at the hidden frames' pixels against their noisy values. A budget of 120 "
+    "optimiser steps (12 rounds of 10, validated after each; fewer rounds, at least 3, where they "
+    "would take more than 8 minutes on this machine), 4 random patches a step, flips, quarter turns "
+    "and time reversal; AdamW at up to 2e-4 with a 10 % warm-up and a cosine decay. Patches of up "
+    "to 64 x 64 x 16 frames. Validation is the masked-pixel loss on held-out regions (8 fixed "
+    "patches a sample, the same frames hidden every time); the starting weights are validated too "
+    "and kept unless it improves. Pairs given beside noisy stacks train with ssim + mse.",
     TrainSettings(
         epochs=12, steps_per_epoch=10, lr=2e-4, scheduler="WarmupCosine", warmup=0.1,
         loss=("ssim", "mse"), loss_weights=(1.0, 1.0), patch_sizes=((64, 64),), time=16, batch_size=4,
         val_patches_per_sample=8, optimizer="adamw", betas=(0.9, 0.99), weight_decay=0.0,
         clip_grad_norm=1.0, select="val_masked_loss", patience=6, augment=("flip", "rot90", "time_reverse"),
-        blind_spot=0.02,
+        blind_spot=0.02, blind_frames=4,
     ),
     frozenset({"patch_sizes", "time", "batch_size", "val_patch_size"}),
     minutes=8.0,

@@ -103,6 +103,8 @@ class TrainSettings:
 
         for name in ("epochs", "time", "batch_size", "patches_per_sample", "val_patches_per_sample"):
             positive_int(name)
+        if self.blind_frames == 1:
+            raise ValueError("blind_frames=1 would hide every frame: use 0 (pixels) or 2 or more")
         for name in ("steps_per_epoch", "patience", "blind_frames"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
