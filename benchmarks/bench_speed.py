@@ -45,30 +45,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 
 import napari_cnnt  # before torch: it sets up the allocator (see above)
 import torch
 
-from bench_model import count_flops, timed  # the script's folder is on sys.path
+from bench_model import count_flops, isa_line, timed  # the script's folder is on sys.path
 
 from napari_cnnt.losses import CombinedLoss
 from napari_cnnt.model import CNNTDenoiser, preset
 from napari_cnnt.runtime import Runtime, cpu_has_native_bf16, fast_path_unavailable, float32_fusion_pays
-
-
-def isa_line() -> str:
-    """The CPU's instruction sets that matter here, and what oneDNN and ATen were allowed to use."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16|avx512f|avx2)\b", f.read())))
-    except OSError:
-        flags = ["unknown"]
-    limits = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "NAPARI_CNNT_DISABLE_BF16")
-              if k in os.environ}
-    mode = "AVX2 mode" if limits.get("ONEDNN_MAX_CPU_ISA", "").upper() == "AVX2" else "native"
-    return (f"CPU flags: {' '.join(flags)}; {mode} (ATen {torch.backends.cpu.get_cpu_capability()}"
-            f"{', ' + ', '.join(f'{k}={v}' for k, v in limits.items()) if limits else ''})")
 
 
 def reset_peak() -> None:
