@@ -202,10 +202,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    peaks = {"float32": matmul_peak(torch.float32), "fast": matmul_peak(torch.bfloat16)}  # bf16: maybe emulated
+    print(isa_line(), flush=True)
+    peaks = {"float32": matmul_peak(torch.float32)}
+    # Emulated bf16 (no AVX-512) takes minutes for one product and is no peak.
+    peaks["fast"] = matmul_peak(torch.bfloat16) if fast_path_unavailable(torch.device("cpu")) is None else float("nan")
     peaks["default"] = peaks["fast" if Runtime.create("cpu").fast else "float32"]
     peaks["ref code"] = peaks["f32 fused"] = peaks["float32"]
-    print(isa_line())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {cpu_has_native_bf16()}, "
           f"default path: {'bf16 fast path' if Runtime.create('cpu').fast else 'float32'}, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
