@@ -133,9 +133,10 @@ def float32_fusion_pays(config) -> bool:
     Measured on the development CPU (2 cores, AVX-512) on the batches ``denoise``
     runs for the bundled model (``small``, 3 tiles of 18 x 64 x 64): 1.96x the
     plain float32 copy natively and 1.37x in AVX2 mode. The ``reference``
-    preset's wide convolutions gain nothing from it: they already run near
-    the machine's peak in the default layout, and channels-last was slower
-    there in AVX2 mode. So it is used for models whose widest block set has
+    preset's wide convolutions, already near the machine's peak, gain
+    nothing reliable (0.93x natively, 1.05x in AVX2 mode on one 16 x 128 x
+    128 tile, within run-to-run noise) and round a little more (2.4e-5 of
+    the output's range). So it is used for models whose widest block set has
     at most ``FUSED_FLOAT32_MAX_CHANNELS`` channels, where oneDNN's float32
     convolution with a fused GELU runs.
     """
