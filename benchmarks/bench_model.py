@@ -12,6 +12,8 @@ held-out stack. Usage::
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import time
 
 import numpy as np
@@ -21,6 +23,20 @@ from napari_cnnt.model import CNNTDenoiser, preset
 from napari_cnnt.runtime import Runtime, fast_path_supported
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+
+def isa_line() -> str:
+    """The CPU's instruction sets that matter here, and what oneDNN and ATen were allowed to use."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16|avx512f|avx2)\b", f.read())))
+    except OSError:
+        flags = ["unknown"]
+    limits = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "NAPARI_CNNT_DISABLE_BF16")
+              if k in os.environ}
+    mode = "AVX2 mode" if limits.get("ONEDNN_MAX_CPU_ISA", "").upper() == "AVX2" else "native"
+    return (f"CPU flags: {' '.join(flags)}; {mode} (ATen {torch.backends.cpu.get_cpu_capability()}"
+            f"{', ' + ', '.join(f'{k}={v}' for k, v in limits.items()) if limits else ''})")
 
 
 def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:

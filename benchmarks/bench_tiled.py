@@ -8,7 +8,13 @@ and prints them side by side:
   ``tests/reference_tiling.py``);
 - ``denoise reference``: ``denoise(layout="reference")``, which must give the
   same numbers;
-- ``denoise auto``: the default layout (fewer tiles).
+- ``denoise auto``: the default layout (fewer tiles) with the same tile size;
+- ``denoise default``: ``denoise`` with its automatic tile and overlap.
+
+For each also the tile layout's redundancy: voxel-frames through the network
+per voxel-frame of output. The first line names the CPU's instruction sets and
+whether the run was in AVX2 mode (``ONEDNN_MAX_CPU_ISA=AVX2
+ATEN_CPU_CAPABILITY=avx2 NAPARI_CNNT_DISABLE_BF16=1``).
 
 For each: wall time, time inside the network, the share outside it, and the
 peak resident memory above what the process held before the call (model
@@ -84,7 +90,7 @@ def peak_mb() -> float:
 # ----------------------------------------------------------------------------- one measurement
 def worker(spec: dict) -> dict:
     """Run one variant in this (fresh) process and report its numbers."""
-    from napari_cnnt.inference import TilePlan, denoise  # before torch: it sets up the allocator
+    from napari_cnnt.inference import TilePlan, auto_layout, denoise  # before torch: it sets up the allocator
     from napari_cnnt.model import CNNTDenoiser, preset
     from napari_cnnt.runtime import Runtime
     import torch
@@ -143,18 +149,24 @@ def worker(spec: dict) -> dict:
             return runtime.predict(net, torch.from_numpy(x)).cpu().numpy()
 
         output = reference_tiled_inference(run_batch, image, tile, overlap, batch)
-        tiles = len(TilePlan.create(shape, tile, overlap, "reference"))
     elif spec["variant"] == "hdf5":
         denoise(source, model, tile=tile, overlap=overlap, batch_size=batch, device=runtime, layout="auto",
                 normalization={"mode": "fixed", "low": 0, "high": 4096}, out=target)
-        tiles = len(TilePlan.create(shape, tile, overlap, "auto"))
+        plan = TilePlan.create(shape, tile, overlap, "auto")
+    elif spec["variant"] == "denoise default":
+        output = denoise(image, model, device=runtime, normalization="none")
+        plan = TilePlan.create(shape, *auto_layout(config, shape, runtime))
     else:
         layout = spec["variant"].split()[1]
         output = denoise(image, model, tile=tile, overlap=overlap, batch_size=batch, device=runtime,
                          layout=layout, normalization="none")
-        tiles = len(TilePlan.create(shape, tile, overlap, layout))
+        plan = TilePlan.create(shape, tile, overlap, layout)
     seconds = time.perf_counter() - start
-    result.update(seconds=seconds, network_seconds=network_seconds, peak_extra_mb=peak_mb() - base, tiles=tiles)
+    if spec["variant"] in ("network", "plain"):
+        plan = TilePlan.create(shape, tile, overlap, "reference")
+    tiles = len(plan) if spec["variant"] != "network" else tiles
+    result.update(seconds=seconds, network_seconds=network_seconds, peak_extra_mb=peak_mb() - base, tiles=tiles,
+                  redundancy=plan.redundancy if spec["variant"] != "network" else None)
     if spec.get("save"):
         np.save(spec["save"], output)
     return result
@@ -179,16 +191,18 @@ def part1(args: argparse.Namespace, common: dict, tmp: Path) -> None:
           f"preset {args.preset!r}, tile {tuple(common['tile'])}, overlap {tuple(common['overlap'])}, "
           f"batch {common['batch_size']}, {common['device']}, {'bf16 fast path' if common['fast'] else 'float32'}")
     rows = []
-    for variant in ("network", "plain", "denoise reference", "denoise auto"):
+    for variant in ("network", "plain", "denoise reference", "denoise auto", "denoise default"):
         save = str(tmp / f"{variant.replace(' ', '_')}.npy") if variant != "network" else None
         r = measure({**common, "variant": variant, "shape": shape, "save": save})
         rows.append(r)
         print(f"   measured {variant} ({r['seconds']:.1f} s)", file=sys.stderr)
 
-    print(f"{'variant':<20}{'tiles':>7}{'time s':>9}{'network s':>11}{'outside':>9}{'peak extra MB':>15}")
+    print(f"{'variant':<20}{'tiles':>7}{'redundancy':>11}{'time s':>9}{'network s':>11}{'outside':>9}"
+          f"{'peak extra MB':>15}")
     for r in rows:
         outside = 1 - r["network_seconds"] / r["seconds"]
-        print(f"{r['variant']:<20}{r['tiles']:>7}{r['seconds']:>9.1f}{r['network_seconds']:>11.1f}"
+        redundancy = "-" if r["redundancy"] is None else f"{r['redundancy']:.2f}"
+        print(f"{r['variant']:<20}{r['tiles']:>7}{redundancy:>11}{r['seconds']:>9.1f}{r['network_seconds']:>11.1f}"
               f"{outside:>9.1%}{r['peak_extra_mb']:>15.0f}")
 
     by = {r["variant"]: r for r in rows}
@@ -205,7 +219,9 @@ def part1(args: argparse.Namespace, common: dict, tmp: Path) -> None:
               f"{(r['peak_extra_mb'] - net_mb):.0f} MB vs {(by['plain']['peak_extra_mb'] - net_mb):.0f} MB; "
               f"time {r['seconds'] / by['plain']['seconds']:.2f} x plain's; "
               f"outside the network {1 - r['network_seconds'] / r['seconds']:.1%} (goal: < 5 %)")
-    print(f"tiles: auto {by['denoise auto']['tiles']} vs reference {by['plain']['tiles']}")
+    print(f"tiles: auto {by['denoise auto']['tiles']}, default {by['denoise default']['tiles']} "
+          f"vs reference {by['plain']['tiles']}; redundancy {by['denoise default']['redundancy']:.2f} by default "
+          f"vs {by['plain']['redundancy']:.2f} in the reference's layout")
 
 
 def part2(args: argparse.Namespace, common: dict, tmp: Path) -> None:
@@ -265,6 +281,10 @@ def main() -> None:
     common = {"preset": args.preset, "tile": list(args.tile), "overlap": list(args.overlap),
               "batch_size": args.batch_size, "device": str(runtime.device), "fast": runtime.fast,
               "threads": args.threads}
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_model import isa_line
+
+    print(isa_line())
     print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} before the run")
     with tempfile.TemporaryDirectory(prefix="bench_tiled_") as tmp:

@@ -79,10 +79,10 @@ def test_fused_mixer_takes_only_a_mixer():
         FusedMixer(torch.nn.Sequential(torch.nn.Identity(), torch.nn.ReLU(), torch.nn.Identity()))
 
 
-def test_only_the_fast_inference_copy_fuses_mixers(tiny_config):
+def test_only_fast_or_chosen_inference_copies_fuse_mixers(tiny_config):
     model = CNNTDenoiser(tiny_config)
     fast = Runtime(torch.device("cpu"), True).inference_copy(model)  # builds the copy; nothing runs
-    exact = Runtime.create("cpu", fast=False).inference_copy(model)
+    exact = Runtime.create("cpu", fast=False).inference_copy(model, fused_float32=False)
     blocks = [m for m in fast.modules() if isinstance(m, CNNTBlock)]
     assert blocks and all(isinstance(b.mlp, FusedMixer) for b in blocks)
     assert not any(isinstance(m, FusedMixer) for m in exact.modules())  # float32 stays the model's arithmetic

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import math
 import threading
 
@@ -387,17 +388,48 @@ def test_automatic_tile_and_batch_follow_the_device_memory(monkeypatch):
     config = napari_cnnt.PRESETS["small"]
     cpu = Runtime.create("cpu", fast=False)
     monkeypatch.setattr(inference, "_free_memory", lambda device: 64 << 30)
-    assert inference.auto_tile(config, (32, 512, 512), cpu) == (16, 128, 128)
+    assert inference.auto_tile(config, (32, 512, 512), cpu) == (18, 128, 128)  # two time windows, not three
     assert inference.auto_tile(config, (5, 40, 70), cpu) == (5, 40, 72)
     assert inference.auto_batch_size(config, (16, 64, 64), cpu) == 4
     assert inference.auto_batch_size(config, (16, 128, 128), cpu) == 1  # larger calls outgrow the cache
     budget = 300 << 20
     monkeypatch.setattr(inference, "_free_memory", lambda device: 2 * budget)
     t, h, w = inference.auto_tile(config, (32, 512, 512), cpu)
-    assert t == 16 and h == w and h % config.size_multiple == 0
+    assert t == 18 and h == w and h % config.size_multiple == 0
     assert inference._tile_bytes(config, (t, h, w)) <= budget < inference._tile_bytes(config, (t, 2 * h, 2 * w))
     monkeypatch.setattr(inference, "_free_memory", lambda device: 1 << 20)
     assert inference.auto_batch_size(config, (t, h, w), cpu) == 1
+
+
+# The bundled model's architecture and patch; bounds on the voxel-frames computed per
+# output voxel-frame, against the training patch with a quarter overlap (2.34, 1.89, 2.21).
+@pytest.mark.parametrize("shape,bound", [
+    ((32, 256, 256), 1.76), ((16, 512, 512), 1.90), ((100, 1024, 1024), 2.07), ((64, 256, 256), 1.86),
+])
+def test_automatic_tiles_bound_the_redundant_compute(monkeypatch, shape, bound):
+    monkeypatch.setattr(inference, "_free_memory", lambda device: 16 << 30)
+    config = napari_cnnt.PRESETS["small"].replace(height=64, width=64)
+    tile, overlap = inference.auto_layout(config, shape, Runtime.create("cpu", fast=False))
+    plan = TilePlan.create(shape, tile, overlap)
+    old = TilePlan.create(shape, (16, 64, 64), (4, 16, 16))
+    assert plan.redundancy <= bound
+    assert plan.redundancy <= old.redundancy
+    assert tile[1:] == (64, 64) and overlap == (4, 16, 16)  # the training patch keeps its accuracy
+    assert 16 <= tile[0] <= 20
+
+
+def test_redundancy_counts_every_computed_voxel_frame():
+    assert TilePlan.create((16, 64, 64), (16, 64, 64), (4, 16, 16)).redundancy == 1.0
+    plan = TilePlan.create((32, 256, 256), (16, 64, 64), (4, 16, 16))
+    assert len(plan) == 75 and plan.redundancy == pytest.approx(75 * 16 * 64 * 64 / (32 * 256 * 256))
+    assert TilePlan.create((5, 40, 70), (5, 40, 72), (1, 10, 18)).redundancy == pytest.approx(72 / 70)
+    assert "2.34 voxel-frames" in plan.describe()
+
+
+def test_denoise_logs_its_tiles(caplog):
+    with caplog.at_level(logging.DEBUG, logger="napari_cnnt.inference"):
+        denoise(rng_stack((6, 16, 16)), tiny_model(), tile=(4, 16, 16), overlap=(2, 0, 0), device=EXACT)
+    assert "2 tiles of [4, 16, 16]" in caplog.text and "1.33 voxel-frames" in caplog.text
 
 
 # ----------------------------------------------------------------------------- bad arguments

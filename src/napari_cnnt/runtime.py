@@ -1,7 +1,9 @@
 """Where and how the network runs: device choice and the fast path.
 
 The fast path is bfloat16 with channels-last weights: autocast in training,
-a bf16 inference copy in inference. On CPUs with native bf16 instructions
+a bf16 inference copy in inference. Without it, float32 inference on a CPU
+still runs channels-last with fused mixers for narrow models, where that is
+faster (``float32_fusion_pays``). On CPUs with native bf16 instructions
 oneDNN runs the convolutions 2-2.3x faster than float32 with AVX512-BF16
 (measured), and on the AMX matrix units where present; on CUDA it uses the
 tensor cores. On other hardware bf16 would be emulated and slower, so it
@@ -121,6 +123,29 @@ def fast_path_unavailable(device: torch.device) -> str | None:
     return None
 
 
+# Widest block set up to which the float32 inference copy runs channels-last with
+# fused mixers on a CPU (see ``float32_fusion_pays``).
+FUSED_FLOAT32_MAX_CHANNELS = 64
+
+
+def float32_fusion_pays(config) -> bool:
+    """Whether float32 inference on the CPU runs faster channels-last with fused mixers.
+
+    Measured on the development CPU (2 cores, AVX-512) on the batches ``denoise``
+    runs for the bundled model (``small``, 3 tiles of 18 x 64 x 64): 1.96x the
+    plain float32 copy natively and 1.37x in AVX2 mode. The ``reference``
+    preset's wide convolutions, already near the machine's peak, gain
+    nothing reliable (0.93x natively, 1.05x in AVX2 mode on one 16 x 128 x
+    128 tile, within run-to-run noise) and round a little more (2.4e-5 of
+    the output's range). So it is used for models whose widest block set has
+    at most ``FUSED_FLOAT32_MAX_CHANNELS`` channels, where oneDNN's float32
+    convolution with a fused GELU runs.
+    """
+    from .model.fused import _onednn_conv_gelu_available
+
+    return max(config.blocks) <= FUSED_FLOAT32_MAX_CHANNELS and _onednn_conv_gelu_available(torch.float32)
+
+
 @dataclass(frozen=True)
 class Runtime:
     """A device and whether the bf16 fast path is used on it.
@@ -177,14 +202,17 @@ class Runtime:
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 yield
 
-    def inference_copy(self, model: nn.Module) -> nn.Module:
+    def inference_copy(self, model: nn.Module, fused_float32: bool | None = None) -> nn.Module:
         """A frozen copy of ``model`` for :meth:`predict`; ``model`` itself is untouched.
 
         The attention projections are fused once and, on the fast path, every
         weight is stored in bf16, so no call concatenates or casts weights and
         no normalisation bounces through float32 as it does under autocast;
         the mixers also become :class:`~napari_cnnt.model.fused.FusedMixer`.
-        Without the fast path the arithmetic is exactly the model's.
+        Without the fast path, on a CPU, the copy stays float32 and becomes
+        channels-last with fused mixers where :func:`float32_fusion_pays`
+        (``fused_float32`` overrides that), which agrees with the model to
+        float32 rounding; otherwise its arithmetic is exactly the model's.
         """
         from .model.fused import fuse_mixers
 
@@ -195,7 +223,12 @@ class Runtime:
                 fuse()
         net = self.prepare(net)
         if self.fast:
-            net = fuse_mixers(net.to(torch.bfloat16))
+            return fuse_mixers(net.to(torch.bfloat16))
+        if self.device.type == "cpu":
+            if fused_float32 is None:
+                fused_float32 = float32_fusion_pays(model.config)
+            if fused_float32:
+                net = fuse_mixers(net.to(memory_format=torch.channels_last))
         return net
 
     def predict(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:

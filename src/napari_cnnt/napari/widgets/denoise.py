@@ -16,7 +16,7 @@ from magicgui.widgets import CheckBox, ComboBox, Container, PushButton, SpinBox
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
-from ...inference import Cancelled, auto_tile, denoise
+from ...inference import Cancelled, auto_layout, denoise
 from ...model.checkpoint import CheckpointError
 from ...runtime import Runtime
 from ._common import ModelChooser, ProgressDisplay, compact, device_widgets, follow_layer_list
@@ -273,11 +273,11 @@ class DenoiseWidget(Container):
             return
         try:
             config = entry.model.config
-            tile = auto_tile(config, self._stack_shape(layer), Runtime.create(self.device.value, False))
+            tile, overlap = auto_layout(config, self._stack_shape(layer), Runtime.create(self.device.value, False))
         except ValueError:
             return
         self.tile.values = tile
-        self.overlap.values = tuple(min(c // 4, c - 1) for c in tile)
+        self.overlap.values = overlap
 
     def _stack_shape(self, layer: Image) -> tuple[int, int, int]:
         shape = layer.data.shape
