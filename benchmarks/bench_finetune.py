@@ -93,11 +93,10 @@ def cpu_name() -> str:
 
 
 def scores(model, stacks, fast: bool) -> tuple[list[float], list[float]]:
-    import napari_cnnt
     from skimage.metrics import structural_similarity
 
+    import napari_cnnt
     from napari_cnnt.cli import psnr_db
-
     from napari_cnnt.runtime import Runtime
 
     runtime = Runtime.create("cpu", fast)
@@ -112,8 +111,9 @@ def scores(model, stacks, fast: bool) -> tuple[list[float], list[float]]:
 
 def one_run(spec: dict) -> dict:
     """Run in a child process: fine-tune (or not) and score; returns the CSV row."""
-    import napari_cnnt  # noqa: F401  (before torch: the allocator setting the product uses)
     import torch
+
+    import napari_cnnt  # noqa: F401  (before torch: the allocator setting the product uses)
 
     fast = spec["fast"]
     stacks = test_stacks(spec["structure"], spec["photons"])

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import napari_cnnt  # before torch: it sets up the allocator
 import torch
 
+import napari_cnnt  # before torch: it sets up the allocator
 from napari_cnnt.inference import auto_batch_size, auto_layout
 from napari_cnnt.runtime import Runtime
 

@@ -17,12 +17,12 @@ import re
 import time
 
 import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 # napari_cnnt before torch: it sets up the allocator as the product runs.
 from napari_cnnt.model import CNNTDenoiser, preset
 from napari_cnnt.runtime import Runtime, fast_path_supported
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 
 def isa_line() -> str:

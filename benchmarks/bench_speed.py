@@ -46,11 +46,10 @@ from __future__ import annotations
 import argparse
 import os
 
-import napari_cnnt  # before torch: it sets up the allocator (see above)
 import torch
-
 from bench_model import count_flops, isa_line, timed  # the script's folder is on sys.path
 
+import napari_cnnt  # before torch: it sets up the allocator (see above)
 from napari_cnnt.losses import CombinedLoss
 from napari_cnnt.model import CNNTDenoiser, preset
 from napari_cnnt.runtime import Runtime, cpu_has_native_bf16, fast_path_unavailable, float32_fusion_pays

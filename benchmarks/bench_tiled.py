@@ -90,10 +90,11 @@ def peak_mb() -> float:
 # ----------------------------------------------------------------------------- one measurement
 def worker(spec: dict) -> dict:
     """Run one variant in this (fresh) process and report its numbers."""
+    import torch
+
     from napari_cnnt.inference import TilePlan, auto_layout, denoise  # before torch: it sets up the allocator
     from napari_cnnt.model import CNNTDenoiser, preset
     from napari_cnnt.runtime import Runtime
-    import torch
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])

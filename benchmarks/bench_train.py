@@ -18,9 +18,9 @@ import argparse
 import threading
 import time
 
-import napari_cnnt  # before torch: it sets up the allocator as the product runs
 import torch
 
+import napari_cnnt  # before torch: it sets up the allocator as the product runs
 from napari_cnnt.model import CNNTDenoiser, preset
 from napari_cnnt.normalization import Normalization
 from napari_cnnt.runtime import fast_path_supported

@@ -39,7 +39,8 @@ class ReferenceDenoiser(nn.Module):
         m = _module(root)
         k, p = config.kernel_size, config.padding
         c1, c2 = config.pre_channels
-        conv = lambda a, b: m.Conv2DExt(a, b, kernel_size=k, stride=1, padding=p, bias=True)
+        def conv(a, b):
+            return m.Conv2DExt(a, b, kernel_size=k, stride=1, padding=p, bias=True)
         self.no_residual = config.no_residual
         self.pre_cnnt = nn.Sequential(conv(1, c1), conv(c1, c2))
         with contextlib.redirect_stdout(io.StringIO()):  # its U-net prints its norm modes

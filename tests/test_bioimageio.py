@@ -20,7 +20,7 @@ import napari_cnnt
 from napari_cnnt import CheckpointError, load_model, save_model
 from napari_cnnt.cli import main
 from napari_cnnt.model import CNNTDenoiser
-from napari_cnnt.model.bioimageio import REPRODUCE_TOLERANCE, offline, save_package, urls, _spec
+from napari_cnnt.model.bioimageio import REPRODUCE_TOLERANCE, _spec, offline, save_package, urls
 from napari_cnnt.normalization import Normalization
 from napari_cnnt.runtime import Runtime
 from napari_cnnt.synthetic import simulate

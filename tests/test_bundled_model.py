@@ -14,10 +14,10 @@ import pytest
 from scipy import ndimage
 
 import napari_cnnt
+from napari_cnnt import runtime
 from napari_cnnt.metrics import psnr_db
 from napari_cnnt.model import preset
 from napari_cnnt.model.checkpoint import BUNDLED_WEIGHTS
-from napari_cnnt import runtime
 from napari_cnnt.runtime import Runtime
 from napari_cnnt.synthetic import sample_recording
 

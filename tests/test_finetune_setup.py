@@ -10,11 +10,19 @@ import pytest
 from napari.layers import Image, Shapes
 
 from napari_cnnt.io.hdf5 import write_training_pairs
-from napari_cnnt.napari.widgets.finetune_setup import (
-    NO_CLEAN, FinetuneRun, file_data, finetune_options, layers_data, parse_learning_rate, parse_losses,
-    parse_patch_sizes, recipe_controls, summary,
-)
 from napari_cnnt.napari.widgets._messages import UserError
+from napari_cnnt.napari.widgets.finetune_setup import (
+    NO_CLEAN,
+    FinetuneRun,
+    file_data,
+    finetune_options,
+    layers_data,
+    parse_learning_rate,
+    parse_losses,
+    parse_patch_sizes,
+    recipe_controls,
+    summary,
+)
 from napari_cnnt.napari.widgets.models import ModelEntry
 from napari_cnnt.training.history import History
 from napari_cnnt.training.recipes import RECIPES

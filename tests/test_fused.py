@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from napari_cnnt.model import CNNTDenoiser
-from napari_cnnt.model import fused
+from napari_cnnt.model import CNNTDenoiser, fused
 from napari_cnnt.model.fused import FusedMixer, fuse_mixers
 from napari_cnnt.model.layers import CNNTBlock
 from napari_cnnt.runtime import Runtime

@@ -203,7 +203,6 @@ def test_two_process_torchrun_matches_one_process_without_truth(tiny_config, tmp
     import os
     import shutil
     import subprocess
-    import sys
     from pathlib import Path
 
     import tifffile

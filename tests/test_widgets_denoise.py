@@ -13,7 +13,8 @@ from widget_helpers import _session_models, click, dock, errors, notes, stack, t
 
 import napari_cnnt
 from napari_cnnt import save_model
-from napari_cnnt.napari.widgets import MODELS, add_model, denoise as denoise_widget
+from napari_cnnt.napari.widgets import MODELS, add_model
+from napari_cnnt.napari.widgets import denoise as denoise_widget
 from napari_cnnt.napari.widgets.denoise import NO_TIME, default_time_axis, display_range
 from napari_cnnt.runtime import Runtime
 

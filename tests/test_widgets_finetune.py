@@ -14,7 +14,8 @@ from widget_helpers import _session_models, click, dock, errors, notes, stack, t
 import napari_cnnt
 from napari_cnnt import load_model
 from napari_cnnt.io.hdf5 import write_training_pairs
-from napari_cnnt.napari.widgets import MODELS, add_model, finetune as finetune_widget
+from napari_cnnt.napari.widgets import MODELS, add_model
+from napari_cnnt.napari.widgets import finetune as finetune_widget
 from napari_cnnt.napari.widgets.finetune_setup import FILE, NO_CLEAN
 from napari_cnnt.runtime import Runtime
 

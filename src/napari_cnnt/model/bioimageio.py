@@ -160,7 +160,10 @@ def _spec() -> Any:
     """The parts of bioimageio.spec used here (an optional dependency)."""
     try:
         from bioimageio.spec import (
-            ValidationContext, load_description, save_bioimageio_package, save_bioimageio_package_as_folder,
+            ValidationContext,
+            load_description,
+            save_bioimageio_package,
+            save_bioimageio_package_as_folder,
         )
         from bioimageio.spec.model import v0_5
         from bioimageio.spec.utils import get_reader

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..io.atomic import write_bytes
 from ..io import formats as image_formats
+from ..io.atomic import write_bytes
 from ..normalization import Normalization
 from .config import CNNTConfig, ConfigError
 from .denoiser import CNNTDenoiser

@@ -13,7 +13,6 @@ evaluation) because magicgui builds the widget from them.
 import functools
 import os
 from pathlib import Path
-from typing import Optional
 
 from napari.types import ImageData
 
@@ -22,7 +21,7 @@ OVERLAP = 0.25  # the share of a tile that overlaps its neighbours, as ``denoise
 
 def denoise_image(
     image: ImageData,
-    model: Optional[Path] = None,
+    model: Path | None = None,
     time_axis: int = 0,
     tile_frames: int = 0,
     tile_size: int = 0,
@@ -76,7 +75,7 @@ def denoise_image(
     )
 
 
-def _model(path: Optional[Path]):
+def _model(path: Path | None):
     if path is None or str(path) in ("", "."):
         return _cached_model(None, 0)
     path = Path(path).expanduser().resolve()
@@ -84,7 +83,7 @@ def _model(path: Optional[Path]):
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_model(path: Optional[Path], mtime: int):
+def _cached_model(path: Path | None, mtime: int):
     """Models by path and modification time, so that a workflow run frame by frame loads each once."""
     from ..model.checkpoint import load_model
 

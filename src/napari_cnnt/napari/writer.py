@@ -16,7 +16,6 @@ from ..io import Image, ImageFileError, default_axes, hdf5, normalize_unit, tiff
 from . import LayerData
 
 
-
 class LayerWriteError(RuntimeError):
     """Why layers could not be saved.
 

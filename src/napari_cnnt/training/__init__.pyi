@@ -1,9 +1,9 @@
 from .api import evaluate, finetune, load_samples, train
+from .checkpoints import CheckpointMismatch, load_checkpoint_model
 from .data import PatchSampler, Sample, Split, samples_from_h5, samples_from_pairs
 from .history import History, Progress
 from .plan import Estimate, SettingError
 from .recipes import RECIPES, Recipe, get_recipe
-from .checkpoints import CheckpointMismatch, load_checkpoint_model
 from .settings import TrainSettings
 from .trainer import Trainer
 

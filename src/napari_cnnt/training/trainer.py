@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..control import check_progress, renamed, stop_requested
 from ..losses import CombinedLoss, psnr, ssim
 from ..metrics import truth_range
 from ..model.denoiser import CNNTDenoiser
 from ..runtime import Runtime
-from ..control import check_progress, renamed, stop_requested
 from . import distributed
 from .blindspot import VISIBLE, draw_mask, hide, masked_loss
 from .checkpoints import (

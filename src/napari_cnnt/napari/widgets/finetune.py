@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import (
-    ComboBox, Container, FileEdit, Label, LineEdit, PushButton, RadioButtons, SpinBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    LineEdit,
+    PushButton,
+    RadioButtons,
+    SpinBox,
 )
 from napari.layers import Image, Shapes
 from napari.utils.notifications import show_error, show_info
@@ -44,9 +51,25 @@ from ._messages import UserError, explain, sentence
 from ._plot import LossPlot
 from .denoise import DenoiseRequest, DenoiseRun
 from .finetune_setup import (
-    AUTO, FILE, FINETUNE_RECIPES, LAYERS, MEMORY_HINT, NO_CLEAN, SELF_SUPERVISED, SETTING_NAMES, WHOLE,
-    FinetuneResult, FinetuneRun, TrainingData, default_held_out, estimate_text, file_data, finetune_options,
-    layers_data, recipe_controls, summary,
+    AUTO,
+    FILE,
+    FINETUNE_RECIPES,
+    LAYERS,
+    MEMORY_HINT,
+    NO_CLEAN,
+    SELF_SUPERVISED,
+    SETTING_NAMES,
+    WHOLE,
+    FinetuneResult,
+    FinetuneRun,
+    TrainingData,
+    default_held_out,
+    estimate_text,
+    file_data,
+    finetune_options,
+    layers_data,
+    recipe_controls,
+    summary,
 )
 from .models import add_model
 
