@@ -250,10 +250,19 @@ def _check(args: argparse.Namespace) -> None:
                                     f"{args.width}")
 
 
+def _noisy_spec(spec: str) -> tuple[Path, str]:
+    """``FILE[:DATASET]`` of ``--noisy`` as the file and the dataset ("" for all); a file whose name holds a
+    colon is taken whole."""
+    path, _, key = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    return Path(path), key
+
+
 def _check_output(args: argparse.Namespace, output: Path, checkpoint: Path) -> None:
     """Before any work: the final model must not replace an input, nor an existing file unless asked
     (or the run resumes, and so replaces its own)."""
-    inputs = [*args.h5files, *(args.val_case or ()), *(args.test_case or ()), args.load_path, checkpoint]
+    noisy = [_noisy_spec(spec)[0] for spec in getattr(args, "noisy", None) or ()]
+    inputs = [*(args.h5files or ()), *noisy, *(args.val_case or ()), *(args.test_case or ()), args.load_path,
+              checkpoint]
     overwrite = args.overwrite or checkpoint.exists()
     if output.parent.is_dir():
         check_output(output, overwrite=overwrite, inputs=inputs, error=UsageError)
@@ -336,8 +345,7 @@ def noisy_stacks(specs: list[str], normalization: Any) -> list:
 
     samples = []
     for spec in specs:
-        path, _, key = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
-        path = Path(path)
+        path, key = _noisy_spec(spec)
         if not path.is_file():
             raise ValueError(f"{path}: no such file")
         fmt = formats.by_content(path)
