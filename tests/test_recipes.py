@@ -148,3 +148,16 @@ def test_time_estimate_from_a_timed_step(tiny_config):
 def test_benchmark_structures_are_unseen_by_the_backbone():
     assert set(BACKBONE_STRUCTURES) < set(STRUCTURES)
     assert {"membranes", "mitochondria"}.isdisjoint(BACKBONE_STRUCTURES)
+
+
+def test_replacing_the_starting_weights_needs_the_recipe_s_margin():
+    """The masked-pixel loss is mostly noise: the self-supervised recipe keeps the start unless an epoch
+    beats it by 0.2 %; later epochs compete with the best as usual."""
+    s = RECIPES["self-supervised"].settings
+    assert s.select == "val_masked_loss" and s.min_gain == 0.002
+    assert not s.improves(0.02831 * 0.999, 0.02831, over_start=True)
+    assert s.improves(0.02831 * 0.997, 0.02831, over_start=True)
+    assert s.improves(0.02831 * 0.999, 0.02831)
+    assert FEW_SAMPLE.settings.improves(30.01, 30.0, over_start=True)  # PSNR: no margin
+    with pytest.raises(ValueError, match="min_gain"):
+        TrainSettings(min_gain=1.5)

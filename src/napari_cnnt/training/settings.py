@@ -48,7 +48,10 @@ class TrainSettings:
     ``select="val_masked_loss"`` selects by the masked-pixel loss on the
     validation samples, which needs no truth. ``blind_frames > 0`` hides every
     ``blind_frames``-th frame whole instead of scattered pixels, each replaced
-    by a neighbouring frame.
+    by a neighbouring frame. ``min_gain`` is how much better than the starting
+    weights' score, as a fraction of it, an epoch must validate to replace them:
+    for a score such as the masked-pixel loss, which is mostly the noise itself,
+    a change within its noise says nothing.
     """
 
     epochs: int = 30
@@ -78,6 +81,7 @@ class TrainSettings:
     val_patch_size: tuple[int, int] | None = None
     blind_spot: float = 0.02
     blind_frames: int = 0
+    min_gain: float = 0.0
 
     def __post_init__(self) -> None:
         def fix(name: str, value: Any) -> None:
@@ -135,6 +139,8 @@ class TrainSettings:
             raise ValueError(f"weight_decay must be finite and non-negative, got {self.weight_decay}")
         if not math.isfinite(self.clip_grad_norm):
             raise ValueError(f"clip_grad_norm must be finite (<= 0 turns clipping off), got {self.clip_grad_norm}")
+        if not (isinstance(self.min_gain, (int, float)) and 0 <= self.min_gain < 1):
+            raise ValueError(f"min_gain must be a fraction in [0, 1), got {self.min_gain!r}")
         if not (isinstance(self.blind_spot, (int, float)) and 0 < self.blind_spot <= 0.25):
             raise ValueError(f"blind_spot must be a fraction of the pixels in (0, 0.25], got {self.blind_spot!r}")
         for name in ("value_thres", "area_thres"):
@@ -162,6 +168,8 @@ class TrainSettings:
         """Optimiser steps of the whole run when known before it starts (a budget of steps)."""
         return self.epochs * self.steps_per_epoch if self.steps_per_epoch else None
 
-    def improves(self, score: float, best: float) -> bool:
-        """Whether ``score`` of the ``select`` metric beats ``best``."""
-        return score > best if SELECT[self.select] else score < best
+    def improves(self, score: float, best: float, over_start: bool = False) -> bool:
+        """Whether ``score`` of the ``select`` metric beats ``best``; to replace the starting weights
+        (``over_start``) it must beat them by ``min_gain``, a fraction of their score."""
+        margin = self.min_gain * abs(best) if over_start and math.isfinite(best) else 0.0
+        return score > best + margin if SELECT[self.select] else score < best - margin

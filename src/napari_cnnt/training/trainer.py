@@ -227,7 +227,7 @@ class Trainer:
             record = {"epoch": epoch, "train_loss": train_loss, **val, "lr": lr,
                       "seconds": time.perf_counter() - t0}
             history.records.append(record)
-            if not val_parts or s.improves(val[s.select], history.best_score):
+            if not val_parts or s.improves(val[s.select], history.best_score, over_start=history.best_epoch == 0):
                 history.best_epoch, history.best_score = epoch, (val[s.select] if val_parts else train_loss)
                 best_state = _cpu_state(model)
             self._save(model, best_state, optimizer, scheduler, history)
