@@ -542,7 +542,7 @@ def load_package(path: str | Path) -> CNNTDenoiser:
     Only the state dict is read (``torch.load(weights_only=True)``, after its
     SHA-256 is checked against the description); no code from the package runs.
     """
-    from .checkpoint import CheckpointError, _build
+    from .checkpoint import CheckpointError, _build, _check_shapes
 
     path = Path(path)
     try:
@@ -581,6 +581,7 @@ def load_package(path: str | Path) -> CNNTDenoiser:
         raise CheckpointError(f"{path}: unreadable pytorch_state_dict weights ({str(e).splitlines()[0]})") from None
     if not isinstance(state, Mapping) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise CheckpointError(f"{path}: the pytorch_state_dict weights are not a state dict")
+    _check_shapes(path, config, {k: tuple(v.shape) for k, v in state.items()})
     model = _build(path, config, state)
     extra = (descr.config.model_extra or {}).get("napari_cnnt") or {}
     try:
