@@ -26,7 +26,6 @@ PSNR against wall time. Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import os
@@ -38,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _runs import read_csv, report, run_child, write_csv
 
 HERE = Path(__file__).resolve().parent
 STRUCTURES = ("membranes", "mitochondria")
@@ -174,14 +174,6 @@ print(f"{name:9s} fast={fast!s:5s} [{b}, {t}, {h}, {h}]: {grown / 2**30:.2f} GB,
                 subprocess.run([sys.executable, "-c", code, name, str(int(fast)), str(b), str(t), str(h)], check=True)
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -229,7 +221,7 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(one_run(json.loads(args.child))), flush=True)
+        report(one_run(json.loads(args.child)))
         return
     if args.measure_memory:
         measure_memory()
@@ -237,31 +229,23 @@ def main() -> None:
 
     rows = []
     if args.append and args.csv.exists():
-        with open(args.csv) as f:
-            rows = list(csv.DictReader(f))
-    src = str(HERE.parent / "src")
+        rows = read_csv(args.csv)
     for variant in args.variants:
         env_extra, fast = VARIANTS[variant]
-        env = {**os.environ, **env_extra, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
         for size, structure, photons, method in itertools.product(args.sizes, args.structures, args.levels,
                                                                   args.methods):
             if method == "zero-shot" and size != args.sizes[0]:
                 continue  # the same model on the same test stacks
             spec = {"variant": variant, "fast": fast, "size": size, "structure": structure, "photons": photons,
                     "method": method}
-            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
-                                 capture_output=True, text=True)
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
-                raise SystemExit(f"run {spec} failed")
-            row = json.loads(line[7:])
+            row = run_child(__file__, spec, env_extra)
             extra = {k: row.pop(k) for k in ("val", "notes", "threads") if k in row}
             rows.append(row)
             print(f"{variant:5s} {size:4d} {structure:13s} {photons:4g} {method:10s} PSNR {row['psnr_db']:6.2f} dB "
                   f"({row['gain_db']:+.2f}) SSIM {row['ssim']:.4f}  {row['wall_s']:6.1f} s  "
                   f"{row['peak_rss_gb']:.2f} GB  {row['outcome']}  {extra}", flush=True)
-            write_csv(rows, args.csv)  # after every run, so that an interrupted benchmark keeps what it measured
+            # after every run, so that an interrupted benchmark keeps what it measured
+            write_csv(rows, args.csv, COLUMNS)
     print(f"wrote {args.csv}")
     try:
         plot(rows, args.png)

@@ -36,17 +36,15 @@ download), so every case is simulated. Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
 
 import numpy as np
+from _runs import read_csv, report, run_child, write_csv
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -248,27 +246,7 @@ def one_run(spec: dict) -> dict:
     return row
 
 
-def run_child(spec: dict) -> dict:
-    src = str(HERE.parent / "src")
-    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
-                         text=True)
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
-        print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
-        raise SystemExit(f"run {spec} failed")
-    return json.loads(line[7:])
-
-
 # ----------------------------------------------------------------------------- outputs
-def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -341,17 +319,15 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(one_run(json.loads(args.child))), flush=True)
+        report(one_run(json.loads(args.child)))
         return
     if args.plot_only:
-        with open(args.csv) as f:
-            plot(list(csv.DictReader(f)), args.png)
+        plot(read_csv(args.csv), args.png)
         return
 
     rows = []
     if args.append and args.csv.exists():
-        with open(args.csv) as f:
-            rows = list(csv.DictReader(f))
+        rows = read_csv(args.csv)
     print(f"CPU: {cpu_name()}; mode: {isa_mode()}")
     tmp = RESULTS / ".outputs"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -364,7 +340,7 @@ def main() -> None:
                         "seconds": ss_seconds or args.n2v_seconds}
                 if method in ("zero-shot", "self-supervised") and not pictured:
                     spec["save_outputs"] = str(tmp / f"{method}.npy")
-                row = run_child(spec)
+                row = run_child(__file__, spec)
                 extra = row.pop("extra", {})
                 if method == "zero-shot":
                     zero_db = row["psnr_db"]
@@ -377,7 +353,7 @@ def main() -> None:
                 print(f"{structure:13s} {photons:4g} {method:16s} PSNR {row['psnr_db']:6.2f} dB {gain} "
                       f"SSIM {row['ssim']:.4f}  train {row['train_s']:6.1f} s  total {row['wall_s']:6.1f} s  "
                       f"{row['peak_rss_gb']:.2f} GB  {row['steps']} steps  {row['outcome']}  {extra}", flush=True)
-                write_csv(rows, args.csv)
+                write_csv(rows, args.csv, COLUMNS)
                 if "save_outputs" in spec:
                     saved[method] = np.load(spec["save_outputs"])
             if len(saved) == 2 and not pictured:
