@@ -14,6 +14,7 @@ validation metric the kept weights are selected by (``loss``,
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,15 +112,12 @@ SELF_SUPERVISED = Recipe(
     "would take more than 8 minutes on this machine), 4 random patches a step, flips, quarter turns "
     "and time reversal; AdamW at up to 2e-4 with a 10 % warm-up and a cosine decay. Patches of up "
     "to 64 x 64 x 16 frames. Validation is the masked-pixel loss on held-out regions (8 fixed "
-    "patches a sample, the same frames hidden every time); the starting weights are validated too "
+    "patches a sample, the same pixels hidden every time); the starting weights are validated too "
     "and kept unless an epoch improves on them by at least 0.2 %. Pairs given beside noisy stacks "
     "train with ssim + mse.",
-    TrainSettings(
-        epochs=12, steps_per_epoch=10, lr=2e-4, scheduler="WarmupCosine", warmup=0.1,
-        loss=("ssim", "mse"), loss_weights=(1.0, 1.0), patch_sizes=((64, 64),), time=16, batch_size=4,
-        val_patches_per_sample=8, optimizer="adamw", betas=(0.9, 0.99), weight_decay=0.0,
-        clip_grad_norm=1.0, select="val_masked_loss", min_gain=0.002, patience=6,
-        augment=("flip", "rot90", "time_reverse"),
+    # The few-sample budget, schedule and augmentations; validated without truth.
+    dataclasses.replace(
+        FEW_SAMPLE.settings, val_patches_per_sample=8, select="val_masked_loss", min_gain=0.002,
         blind_spot=0.02, blind_frames=0,
     ),
     frozenset({"patch_sizes", "time", "batch_size", "val_patch_size"}),
