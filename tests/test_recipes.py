@@ -151,10 +151,10 @@ def test_benchmark_structures_are_unseen_by_the_backbone():
 
 
 def test_replacing_the_starting_weights_needs_the_recipe_s_margin():
-    """The masked-pixel loss is mostly noise: the self-supervised recipe keeps the start unless an epoch
-    beats it by 0.2 %; later epochs compete with the best as usual."""
+    """A self-supervised loss is mostly noise: the self-supervised recipe keeps the start unless an
+    epoch beats it by 0.2 %; later epochs compete with the best as usual."""
     s = RECIPES["self-supervised"].settings
-    assert s.select == "val_masked_loss" and s.min_gain == 0.002
+    assert s.select == "val_interlaced_loss" and s.min_gain == 0.002
     assert not s.improves(0.02831 * 0.999, 0.02831, over_start=True)
     assert s.improves(0.02831 * 0.997, 0.02831, over_start=True)
     assert s.improves(0.02831 * 0.999, 0.02831)
