@@ -99,6 +99,9 @@ def test_interlaced_input_is_every_other_frame_and_the_target_made_of_its_neighb
     # The starting model's output at the frame plus the mean residual of the neighbours.
     np.testing.assert_allclose(interlace.between_frames(noisy, start)[:, 0, 0], [1, 1, 2, 3, 3])
     np.testing.assert_allclose(interlace.between_frames(noisy, noisy), noisy)  # a perfect start: itself
+    moving = np.arange(5.0)[:, None, None] ** 2 * np.ones((1, 2, 2))  # what the start sees change
+    np.testing.assert_allclose(interlace.between_frames(noisy, moving, 0.0)[1:4, 0, 0], [1, 2, 3])  # plain mean
+    np.testing.assert_allclose(interlace.between_frames(noisy, moving, 0.5)[1:4, 0, 0], [0.5, 1.5, 2.5])
     with pytest.raises(ValueError, match="at least 2 frames"):
         interlace.input_frames(1, 0)
 
@@ -168,7 +171,8 @@ def test_noisy_stacks_get_interlaced_targets_and_pairs_keep_their_truth(model):
     pair, alone = trainer.train_samples
     assert pair.target is pair.clean and pair.between is None
     start = napari_cnnt.denoise(alone.noisy, model, normalization="none", device=trainer.runtime)
-    np.testing.assert_allclose(alone.target, interlace.between_frames(alone.noisy, start), atol=1e-6)
+    weight = trainer.settings.motion_correction
+    np.testing.assert_allclose(alone.target, interlace.between_frames(alone.noisy, start, weight), atol=1e-6)
 
 
 def test_the_interlaced_objective_does_not_pad_noisy_stacks_in_time(model):

@@ -57,7 +57,7 @@ FLAG_SETTINGS = {
 # How a refused setting is called on the command line.
 SETTING_FLAGS = {v: f"--{k}" for k, v in FLAG_SETTINGS.items()} | {
     "patch_sizes": "--height/--width", "betas": "--beta1/--beta2", "val_patch_size": "--height/--width",
-    "blind_spot": "--blind_spot", "objective": "--objective",
+    "blind_spot": "--blind_spot", "objective": "--objective", "motion_correction": "--motion_correction",
 }
 
 log = logging.getLogger("napari_cnnt.training")
@@ -127,6 +127,9 @@ def _add(subparsers: Any, command: str, help_text: str, description: str) -> Non
                        help="how noisy stacks are learnt from: interlaced (every other frame predicts the frames "
                             "in between; the default) or blind-spot (hidden pixels predicted from their "
                             "surroundings and the other frames; single frames always do)")
+        g.add_argument("--motion_correction", type=float, metavar="WEIGHT",
+                       help="with the interlaced objective, how much of what the starting model sees change "
+                            "between frames goes into the targets, 0 to 1 (default: 0.5)")
         g.add_argument("--blind_spot", type=float, metavar="FRACTION",
                        help="with --objective blind-spot, the fraction of the pixels of every frame hidden "
                             "(default: 0.02)")
@@ -309,7 +312,7 @@ def _options(args: argparse.Namespace, new_model: bool) -> dict[str, Any]:
     """The settings given on the command line, as ``TrainSettings`` fields (the recipe gives the rest)."""
     recipe = _recipe(args).settings
     options = {field: getattr(args, flag) for flag, field in FLAG_SETTINGS.items() if getattr(args, flag) is not None}
-    for name in ("blind_spot", "objective"):
+    for name in ("blind_spot", "objective", "motion_correction"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     for name in ("loss", "loss_weights"):

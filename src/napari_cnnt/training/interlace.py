@@ -11,13 +11,14 @@ The plain mean of the neighbours stands for the clean frame only where the
 scene does not change within two frame intervals; drift, bleaching and
 moving structures make it a blurred frame, and a network trained on it
 learns to blur (0.7 dB lost on mitochondria drifting half a pixel a frame,
-``benchmarks/bench_selfsupervised.py``). So the target is the starting
-model's output at the frame plus the neighbours' residuals (their noisy values
-minus the starting model's output there), :func:`between_frames`: what
-moves is carried by the starting model's output, what the starting model gets
-wrong, consistently from frame to frame, by the residuals. Its noise is that
-of the neighbours, independent of the input frames, and the starting model's
-output is fixed before training.
+``benchmarks/bench_selfsupervised.py``). So :func:`between_frames` adds the
+change the starting model's output shows between the neighbours and the
+frame, weighted by ``TrainSettings.motion_correction``: what moves is then
+carried by the starting model's output. That output is fixed before
+training, and its noise-free part is all that matters for the target's
+clean part; it does hold some of the frame's own noise, which pulls the
+network towards the starting model, and its frame-to-frame errors become
+part of the target, hence a weight below 1 (docs/training.md).
 
 Compared with a blind spot (:mod:`~napari_cnnt.training.blindspot`) every
 input pixel is a real measurement at the noise level being denoised, so the
@@ -56,16 +57,16 @@ def neighbours(frames: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(t > 0, t - 1, t + 1), np.where(t < frames - 1, t + 1, t - 1)
 
 
-def between_frames(noisy, start):
-    """The target of every frame of a ``[T, H, W]`` stack (float32 numpy or torch): ``start`` (the
-    starting model's output, same shape) at that frame plus the mean of the residuals
-    ``noisy - start`` of its two neighbouring frames. Frame ``t``'s target holds no noisy value
-    of frame ``t``, nor of any frame of its parity."""
+def between_frames(noisy, start, motion: float = 1.0):
+    """The target of every frame of a ``[T, H, W]`` stack (float32 numpy or torch): the mean of
+    its two neighbouring frames plus ``motion`` times the change that ``start`` (the starting
+    model's output, same shape) shows between them and the frame. ``motion=1``: the starting
+    model's frame plus the neighbours' residuals ``noisy - start``; ``motion=0``: the plain mean.
+    Frame ``t``'s target holds no noisy value of frame ``t``, nor of any frame of its parity."""
     if tuple(noisy.shape) != tuple(start.shape):
         raise ValueError(f"the stack and the starting model's output differ in shape: {noisy.shape}, {start.shape}")
     before, after = neighbours(len(noisy))
-    residual = noisy - start
-    return start + 0.5 * (residual[before] + residual[after])
+    return 0.5 * (noisy[before] + noisy[after]) + motion * (start - 0.5 * (start[before] + start[after]))
 
 
 def training_batch(noisy: np.ndarray, target: np.ndarray, parity: int) -> tuple[np.ndarray, np.ndarray]:

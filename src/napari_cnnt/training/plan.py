@@ -194,25 +194,7 @@ def fit_to_data(
         changes["time"] = int(largest_t)
         notes.append(f"time window {settings.time} -> {largest_t} frames: no stack is longer")
 
-    # The interlaced objective must not pad a noisy stack in time: a repeated frame would be both
-    # input and target.
-    noisy_t = [t.shape[0] for t in train if not t.has_truth]
-    time = changes.get("time", settings.time)
-    if settings.objective == "interlaced" and noisy_t and 1 < min(noisy_t) < time:
-        if "time" in given:
-            raise SettingError("time", f"a time window of {time} frames is longer than the shortest noisy stack "
-                                       f"({min(noisy_t)} frames), which the interlaced objective cannot pad; "
-                                       f"lower {{setting}} to at most {min(noisy_t)}")
-        changes["time"] = int(min(noisy_t))
-        notes.append(f"time window {time} -> {min(noisy_t)} frames: the shortest noisy stack")
-
-    # Single frames have no neighbours in time: they hide pixels instead.
-    if changes.get("time", settings.time) == 1 and settings.objective == "interlaced":
-        changes["objective"] = "blind-spot"
-        if settings.select in SELF_SUPERVISED_SCORES:
-            changes["select"] = score_of("blind-spot")
-        if not all(t.has_truth for t in train):
-            notes.append("objective interlaced -> blind-spot: single frames have no neighbours in time")
+    _fit_objective(settings, given, train, changes, notes)
 
     # Patch sizes.
     sizes = list(settings.patch_sizes)
@@ -240,6 +222,30 @@ def fit_to_data(
         h, w = max(changes.get("patch_sizes", sizes), key=lambda hw: hw[0] * hw[1])
         changes["val_patch_size"] = (min(h, _round_down(int(vh), m)), min(w, _round_down(int(vw), m)))
     return replace(settings, **changes) if changes else settings, notes
+
+
+def _fit_objective(settings: TrainSettings, given: Mapping[str, Any], train: Sequence[Sample],
+                   changes: dict[str, Any], notes: list[str]) -> None:
+    """The time window and the objective for noisy stacks, added to ``changes``."""
+    # The interlaced objective must not pad a noisy stack in time: a repeated frame would be both
+    # input and target.
+    noisy_t = [t.shape[0] for t in train if not t.has_truth]
+    time = changes.get("time", settings.time)
+    if settings.objective == "interlaced" and noisy_t and min(noisy_t) < time:
+        if "time" in given:
+            raise SettingError("time", f"a time window of {time} frames is longer than the shortest noisy stack "
+                                       f"({min(noisy_t)} frames), which the interlaced objective cannot pad; "
+                                       f"lower {{setting}} to at most {min(noisy_t)}")
+        changes["time"] = int(min(noisy_t))
+        notes.append(f"time window {time} -> {min(noisy_t)} frames: the shortest noisy stack")
+
+    # Single frames have no neighbours in time: they hide pixels instead.
+    if changes.get("time", settings.time) == 1 and settings.objective == "interlaced":
+        changes["objective"] = "blind-spot"
+        if settings.select in SELF_SUPERVISED_SCORES:
+            changes["select"] = score_of("blind-spot")
+        if not all(t.has_truth for t in train):
+            notes.append("objective interlaced -> blind-spot: single frames have no neighbours in time")
 
 
 def _sizes_text(sizes: Sequence[tuple[int, int]]) -> str:

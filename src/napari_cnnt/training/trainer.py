@@ -159,16 +159,22 @@ class Trainer:
         self._clock: list[float] = []  # [start, steps timed] of this run's training
 
     def _with_targets(self, samples: list[Sample]) -> list[Sample]:
-        """The samples, those without truth given their interlaced targets (the starting model's
-        output at every frame plus its neighbours' residuals) when they learn by that objective."""
-        if not any(not s.has_truth and self._interlaced(s.shape[0]) for s in samples):
-            return samples
-        from ..inference import denoise
+        """The samples, those without truth given their interlaced targets when they learn by that
+        objective (:func:`~napari_cnnt.training.interlace.between_frames`, from the starting
+        model's output unless ``motion_correction`` is 0)."""
+        weight = self.settings.motion_correction
 
-        return [s if s.has_truth or not self._interlaced(s.shape[0]) else dataclasses.replace(
-            s, between=interlace.between_frames(s.noisy, denoise(s.noisy, self.base, normalization="none",
-                                                                 device=self.runtime).astype(np.float32)))
-            for s in samples]
+        def targets(s: Sample) -> Sample:
+            if s.has_truth or not self._interlaced(s.shape[0]):
+                return s
+            start = np.zeros_like(s.noisy)
+            if weight:
+                from ..inference import denoise
+
+                start = denoise(s.noisy, self.base, normalization="none", device=self.runtime).astype(np.float32)
+            return dataclasses.replace(s, between=interlace.between_frames(s.noisy, start, weight).astype(np.float32))
+
+        return [targets(s) for s in samples]
 
     # ------------------------------------------------------------------ API
     def run(self) -> tuple[CNNTDenoiser, History]:
