@@ -12,7 +12,7 @@ writes, in ``docs/images`` (all of them, or those NAMEd without ``.png``):
   to the sample pair, its chart filling up;
 - ``finetune_selfsupervised.png``: the Fine-tune widget adapting the bundled
   model to the noisy sample alone (Clean "none"), its chart showing the
-  validation masked-pixel loss.
+  validation in-between-frame loss.
 """
 
 from __future__ import annotations

@@ -123,10 +123,13 @@ def test_history_reports_every_epoch_and_the_progress_every_step(model):
     assert events[2].record == history.records[0]
     assert events[0].remaining > 0 and events[2].elapsed > 0
     for r in history.records:
-        assert set(r) == {"epoch", "train_loss", "val_loss", "val_psnr", "val_ssim", "val_masked_loss", "lr", "seconds"}
-        assert np.isnan(r["val_masked_loss"])  # every validation sample has truth: nothing is hidden
+        assert set(r) == {"epoch", "train_loss", "val_loss", "val_psnr", "val_ssim", "val_interlaced_loss",
+                          "val_masked_loss", "lr", "seconds"}
+        # Every validation sample has truth: no self-supervised score.
+        assert np.isnan(r["val_masked_loss"]) and np.isnan(r["val_interlaced_loss"])
         assert r["lr"] == 1e-3 and r["seconds"] > 0 and 0 < r["val_ssim"] <= 1
-    assert history.to_csv().splitlines()[0] == "epoch,train_loss,val_loss,val_psnr,val_ssim,val_masked_loss,lr,seconds"
+    assert history.to_csv().splitlines()[0] == (
+        "epoch,train_loss,val_loss,val_psnr,val_ssim,val_interlaced_loss,val_masked_loss,lr,seconds")
 
 
 def test_same_seed_same_losses_other_seed_other_losses(model):

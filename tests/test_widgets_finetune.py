@@ -331,8 +331,8 @@ def test_the_widget_and_the_command_line_start_from_the_same_recipe(make_napari_
 
 
 def test_a_noisy_layer_alone_trains_self_supervised(make_napari_viewer, qtbot, tiny_model, notes):
-    """Clean "none": the self-supervised recipe's defaults, a run validated by the masked-pixel loss
-    (plotted, as there is no PSNR), and a model that records how it was trained."""
+    """Clean "none": the self-supervised recipe's defaults, a run validated by the in-between-frame
+    loss (plotted, as there is no PSNR), and a model that records how it was trained."""
     from napari_cnnt.training.recipes import SELF_SUPERVISED
 
     viewer = make_napari_viewer()
@@ -352,13 +352,13 @@ def test_a_noisy_layer_alone_trains_self_supervised(make_napari_viewer, qtbot, t
     assert not errors(notes)
     history = widget.result.history
     model = widget.result.entry.model
-    assert history.metric == "val_masked_loss" and len(history) == 2
+    assert history.metric == "val_interlaced_loss" and len(history) == 2
     assert model.metadata["training"]["recipe"] == "self-supervised"
     assert widget.result.provenance["training_source"] == "layer 'cells noisy' (noisy, no clean image)"
-    assert "masked-pixel loss" in widget.progress.status.value
-    assert [key for key, *_ in widget.plot.series] == ["train_loss", "val_masked_loss"]
+    assert "in-between-frame loss" in widget.progress.status.value
+    assert [key for key, *_ in widget.plot.series] == ["train_loss", "val_interlaced_loss"]
     lo, hi = widget.plot.ranges()[True]
-    assert lo <= min(history["val_masked_loss"]) <= max(history["val_masked_loss"]) <= hi
+    assert lo <= min(history["val_interlaced_loss"]) <= max(history["val_interlaced_loss"]) <= hi
     # A clean layer again: back to the recipe for pairs.
     widget.clean.value = clean
     assert widget.recipe.value == "few-sample"

@@ -156,13 +156,14 @@ def finetune(
         ``(noisy, clean, rois)`` with ``(top, left, bottom, right)`` boxes;
         or the path(s) of CNNT HDF5 files. A noisy stack without a clean
         image, as a bare array or ``(noisy, None)``, trains self-supervised
-        (the blind-spot objective of :mod:`~napari_cnnt.training.blindspot`);
+        (by default every other frame learns to predict the frames in between:
+        :mod:`~napari_cnnt.training.interlace`);
         pairs and noisy stacks can be mixed.
     recipe
         ``"few-sample"`` (the default when every sample has a clean image: a
         budget of steps fitted to the data and the machine),
         ``"self-supervised"`` (the default when some have none: validated by
-        the masked-pixel loss, ``history.metric == "val_masked_loss"``),
+        that loss, ``history.metric == "val_interlaced_loss"``),
         ``"reference"`` (the CNNT paper's fine-tuning recipe) or a
         :class:`~napari_cnnt.training.recipes.Recipe`; see
         :data:`~napari_cnnt.training.recipes.RECIPES`.

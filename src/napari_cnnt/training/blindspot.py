@@ -3,27 +3,24 @@
 Some pixels are hidden from the network and the loss is computed at those
 pixels only, against their noisy values: since the noise of a pixel is
 independent of everything the network sees, the best prediction of its noisy
-value is its clean value. Two ways of hiding (:func:`draw_mask`):
+value is its clean value. One pixel per ``grid x grid`` box of every frame is
+hidden (:func:`draw_mask`), replaced by the value of a random neighbour in the
+same frame (within a 5 x 5 window, never itself nor another hidden pixel).
+The same pixel in the other frames stays visible: its noise is independent
+too, so it is legitimate evidence, and it is what a time-lapse model adds
+over a single-frame Noise2Void. A neighbour's noisy value rather than a local
+median (N2V2's choice) keeps the input at a hidden pixel as noisy as at any
+other: with the smoother median the network learns to trust the centre pixel
+more than its noise warrants, and its ordinary output, where every pixel is
+visible, got worse while its blind predictions did not improve
+(``benchmarks/bench_selfsupervised.py``). N2V2's checkerboard artefacts came
+from copies that may include the pixel itself, which this never uses. No
+input value carries a hidden pixel's value, so the loss has no gradient with
+respect to it.
 
-- whole frames (the self-supervised recipe's): every N-th frame of a patch,
-  each replaced by its previous or next frame. The neighbouring frame's noise
-  is independent and as strong, so the network trains on inputs as noisy as
-  those it denoises, and a large share of the pixels carries a loss;
-- scattered pixels, Noise2Void's way: one pixel per ``grid x grid`` box of
-  every frame, replaced by the value of a random neighbour in the same frame
-  (within a 5 x 5 window, never itself nor another hidden pixel). The same
-  pixel in the other frames stays visible: its noise is independent too, so
-  it is legitimate evidence, and it is what a time-lapse model adds over a
-  single-frame Noise2Void. A neighbour's noisy value rather than a local
-  median (N2V2's choice) keeps the input at a hidden pixel as noisy as at
-  any other: with the smoother median the network learns to trust the centre
-  pixel more than its noise warrants, and its ordinary output, where every
-  pixel is visible, got worse while its blind predictions did not improve
-  (``benchmarks/bench_selfsupervised.py``). N2V2's checkerboard artefacts
-  came from copies that may include the pixel itself, which this never uses.
-
-Either way no input value carries a hidden pixel's value, so the loss has no
-gradient with respect to it.
+For time-lapse stacks the interlaced objective
+(:mod:`~napari_cnnt.training.interlace`) learns more from the same data; this
+one is for single frames, and for comparison.
 """
 
 from __future__ import annotations
@@ -38,8 +35,6 @@ RADIUS = 2
 WINDOW = (2 * RADIUS + 1) ** 2
 CENTRE = WINDOW // 2
 VISIBLE = -1
-# Codes of pixels of a hidden frame: replaced by the same pixel of the previous or the next frame.
-PREVIOUS, NEXT = WINDOW, WINDOW + 1
 
 
 def grid_for(fraction: float) -> int:
@@ -49,19 +44,12 @@ def grid_for(fraction: float) -> int:
     return max(2, round(1 / math.sqrt(fraction)))
 
 
-def draw_mask(shape: tuple[int, ...], fraction: float, rng: np.random.Generator, frames: int = 0) -> np.ndarray:
+def draw_mask(shape: tuple[int, ...], fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Which pixels to hide and what replaces them, an int8 array of ``shape`` (``[..., H, W]``):
     :data:`VISIBLE` (-1), or for a hidden pixel the index in its flattened 5 x 5 window of the
     neighbour whose value replaces it (never :data:`CENTRE`). One pixel is hidden at random in
     every ``grid x grid`` box of every frame (boxes cut by the edge hide one when it falls inside);
-    ``mask >= 0`` is the boolean mask.
-
-    ``frames > 0`` hides whole frames instead: every ``frames``-th frame of each ``[B, T, 1, H, W]``
-    patch (from a random first one), each replaced by the previous or the next frame at random
-    (:data:`PREVIOUS`, :data:`NEXT`), which is never hidden itself; patches of one frame hide
-    pixels."""
-    if frames and len(shape) >= 4 and shape[1] > 1:  # single frames have no neighbours in time
-        return _frame_mask(shape, frames, rng)
+    ``mask >= 0`` is the boolean mask."""
     g = grid_for(fraction)
     *lead, H, W = shape
     n = int(np.prod(lead)) if lead else 1
@@ -76,18 +64,6 @@ def draw_mask(shape: tuple[int, ...], fraction: float, rng: np.random.Generator,
     pick = rng.integers(0, WINDOW - 1, int(inside.sum()))
     mask[frame[inside], ys[inside], xs[inside]] = pick + (pick >= CENTRE)  # skip the centre
     return mask.reshape(shape)
-
-
-def _frame_mask(shape: tuple[int, ...], every: int, rng: np.random.Generator) -> np.ndarray:
-    B, T = shape[:2]
-    if every < 2 or T < 2:
-        raise ValueError(f"hiding every {every}-th of {T} frames leaves no visible neighbour frame")
-    mask = np.full(shape, VISIBLE, np.int8)
-    for b in range(B):
-        for t in range(int(rng.integers(0, every)), T, every):
-            code = NEXT if t == 0 else PREVIOUS if t == T - 1 else (PREVIOUS, NEXT)[int(rng.integers(0, 2))]
-            mask[b, t] = code
-    return mask
 
 
 def hide(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -117,16 +93,12 @@ def hide(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     nn = n[:, None].expand_as(yy)
     usable = ~hidden[nn, yy, xx]  # the centre is hidden itself, so never used
     code = picks[n, ys, xs]
-    in_time = code >= WINDOW  # a pixel of a hidden frame: the same pixel of a neighbour frame
     # The named neighbour, or the next usable one after it in the window.
     order = torch.remainder(torch.arange(WINDOW, device=x.device)[None] - code[:, None], WINDOW)
     chosen = torch.where(usable, order, torch.full_like(order, WINDOW)).argmin(dim=1)
     rows = torch.arange(len(n), device=x.device)
     values = frames.detach()[nn[rows, chosen], yy[rows, chosen], xx[rows, chosen]]
-    if in_time.any():
-        source = n[in_time] + torch.where(code[in_time] == PREVIOUS, -1, 1)
-        values[in_time] = frames.detach()[source, ys[in_time], xs[in_time]]
-    lonely = ~usable.any(dim=1) & ~in_time
+    lonely = ~usable.any(dim=1)
     if lonely.any():  # a window entirely hidden (tiny grids only)
         values[lonely] = torch.stack([frames[i].detach()[~hidden[i]].mean() for i in n[lonely]]).to(values.dtype)
     replaced = torch.zeros_like(frames)
@@ -158,4 +130,4 @@ def masked_loss(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     return diff.square().sum() / count
 
 
-__all__ = ["NEXT", "PREVIOUS", "RADIUS", "VISIBLE", "draw_mask", "grid_for", "hide", "masked_loss"]
+__all__ = ["RADIUS", "VISIBLE", "draw_mask", "grid_for", "hide", "masked_loss"]

@@ -57,7 +57,7 @@ FLAG_SETTINGS = {
 # How a refused setting is called on the command line.
 SETTING_FLAGS = {v: f"--{k}" for k, v in FLAG_SETTINGS.items()} | {
     "patch_sizes": "--height/--width", "betas": "--beta1/--beta2", "val_patch_size": "--height/--width",
-    "blind_spot": "--blind_spot", "blind_frames": "--blind_frames",
+    "blind_spot": "--blind_spot", "objective": "--objective", "motion_correction": "--motion_correction",
 }
 
 log = logging.getLogger("napari_cnnt.training")
@@ -82,9 +82,9 @@ def add_finetune(subparsers: Any) -> None:
          "Fine-tune a model (default: the bundled one) on CNNT HDF5 files of pairs, or on noisy stacks "
          "alone (--noisy). The default recipe for pairs, few-sample, runs a budget of steps on random "
          "patches fitted to the data and the machine and keeps the starting model unless validation PSNR "
-         "improves; noisy stacks without clean images train with the self-supervised recipe (a blind-spot "
-         "objective, validated by the masked-pixel loss on held-out regions); --recipe reference runs "
-         "the reference's fine-tuning recipe (learning rate 2.5e-5, ssim + 0.1 mse, 30 epochs).")
+         "improves; noisy stacks without clean images train with the self-supervised recipe (every other frame "
+         "learns to predict the frames in between, validated by that loss on held-out regions); --recipe "
+         "reference runs the reference's fine-tuning recipe (learning rate 2.5e-5, ssim + 0.1 mse, 30 epochs).")
 
 
 def _add(subparsers: Any, command: str, help_text: str, description: str) -> None:
@@ -95,6 +95,7 @@ def _add(subparsers: Any, command: str, help_text: str, description: str) -> Non
                "accepted and ignored. Under torchrun --nproc_per_node N the command trains data-parallel.",
     )
     from .recipes import DEFAULT_FINETUNE, DEFAULT_TRAIN, RECIPES
+    from .settings import OBJECTIVES
 
     offered = COMMAND_RECIPES[command]
     default_recipe = DEFAULT_TRAIN if command == "train" else DEFAULT_FINETUNE
@@ -122,12 +123,16 @@ def _add(subparsers: Any, command: str, help_text: str, description: str) -> Non
                        help="noisy stacks without clean images, trained on self-supervised: TIFF files (every "
                             "series) or HDF5 files (every image dataset, or the one named after a colon); the "
                             "last quarter of each validates when there are up to three, else the last fifth")
-        g.add_argument("--blind_frames", type=int, metavar="N",
-                       help="the self-supervised objective hides every N-th frame of a patch whole; 0: scattered "
-                            "pixels of every frame instead (self-supervised recipe: 4)")
+        g.add_argument("--objective", choices=OBJECTIVES,
+                       help="how noisy stacks are learnt from: interlaced (every other frame predicts the frames "
+                            "in between; the default) or blind-spot (hidden pixels predicted from their "
+                            "surroundings and the other frames; single frames always do)")
+        g.add_argument("--motion_correction", type=float, metavar="WEIGHT",
+                       help="with the interlaced objective, how much of what the starting model sees change "
+                            "between frames goes into the targets, 0 to 1 (default: 0.5)")
         g.add_argument("--blind_spot", type=float, metavar="FRACTION",
-                       help="with --blind_frames 0, the fraction of the pixels of every frame hidden "
-                            "(self-supervised recipe: 0.02)")
+                       help="with --objective blind-spot, the fraction of the pixels of every frame hidden "
+                            "(default: 0.02)")
     g.add_argument("--test_case", nargs="+", metavar="H5",
                    help="HDF5 files whose samples are denoised whole after training to report test metrics "
                         "(default: the test part of the split)")
@@ -307,7 +312,7 @@ def _options(args: argparse.Namespace, new_model: bool) -> dict[str, Any]:
     """The settings given on the command line, as ``TrainSettings`` fields (the recipe gives the rest)."""
     recipe = _recipe(args).settings
     options = {field: getattr(args, flag) for flag, field in FLAG_SETTINGS.items() if getattr(args, flag) is not None}
-    for name in ("blind_spot", "blind_frames"):
+    for name in ("blind_spot", "objective", "motion_correction"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     for name in ("loss", "loss_weights"):
@@ -447,15 +452,18 @@ class _Reporter:
             self.bar.update(1)
             return
         self.close()
+        from .history import METRIC_NAMES
         from .plan import minutes_text
+        from .settings import SELF_SUPERVISED_SCORES
 
         r = p.record
         left = f", about {minutes_text(p.remaining)} left" if p.remaining and p.epoch < p.epochs else ""
         val = []
         if not math.isnan(r["val_loss"]):
             val.append(f"val loss {r['val_loss']:.4f}, val PSNR {r['val_psnr']:.2f} dB, val SSIM {r['val_ssim']:.4f}")
-        if not math.isnan(r.get("val_masked_loss", math.nan)):
-            val.append(f"val masked-pixel loss {r['val_masked_loss']:.5f}")
+        for key in SELF_SUPERVISED_SCORES:
+            if not math.isnan(r.get(key, math.nan)):
+                val.append(f"val {METRIC_NAMES[key]} {r[key]:.5f}")
         scores = ", ".join(val or ["no validation"])
         log.info(f"epoch {p.epoch}/{p.epochs}: train loss {r['train_loss']:.4f}, {scores}, "
                  f"lr {r['lr']:.2e}, {r['seconds']:.1f} s{left}")

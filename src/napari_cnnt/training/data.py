@@ -1,7 +1,8 @@
 """Training data: where pairs come from, and how patches are cut from them.
 
 A :class:`Sample` is one noisy/clean pair, or a noisy stack alone (for the
-self-supervised objective of :mod:`~napari_cnnt.training.blindspot`),
+self-supervised objectives of :mod:`~napari_cnnt.training.interlace` and
+:mod:`~napari_cnnt.training.blindspot`),
 normalised to [0, 1] and held in memory as float32 ``[T, H, W]``. Samples
 come from in-memory arrays
 (:func:`samples_from_pairs`) or from CNNT HDF5 files (:func:`samples_from_h5`,
@@ -37,13 +38,15 @@ MAX_DRAWS = 10
 class Sample:
     """One training pair: float32 ``[T, H, W]`` arrays on the model's [0, 1] scale.
 
-    ``clean`` is None for a noisy stack without truth, which trains with the
-    blind-spot objective and validates by its masked-pixel loss.
+    ``clean`` is None for a noisy stack without truth, which trains and
+    validates with a self-supervised objective (``TrainSettings.objective``).
     """
 
     name: str
     noisy: np.ndarray = field(repr=False)
     clean: np.ndarray | None = field(default=None, repr=False)
+    # Without truth, the interlaced objective's target (interlace.between_frames), set by the trainer.
+    between: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -55,8 +58,11 @@ class Sample:
 
     @property
     def target(self) -> np.ndarray:
-        """What the network's output is compared with: the clean image, or the noisy one itself."""
-        return self.noisy if self.clean is None else self.clean
+        """What the network's output is compared with: the clean image or, without it, the
+        interlaced objective's target or the noisy image itself (the blind spot's)."""
+        if self.clean is not None:
+            return self.clean
+        return self.noisy if self.between is None else self.between
 
 
 # ----------------------------------------------------------------------------- sources

@@ -6,14 +6,17 @@ import csv
 import io
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .data import Split
+from .settings import VALIDATION_KEYS
 
-COLUMNS = ("epoch", "train_loss", "val_loss", "val_psnr", "val_ssim", "val_masked_loss", "lr", "seconds")
-METRIC_NAMES = {"val_loss": "loss", "val_psnr": "PSNR", "val_ssim": "SSIM", "val_masked_loss": "masked-pixel loss"}
+COLUMNS = ("epoch", "train_loss", *VALIDATION_KEYS, "lr", "seconds")
+METRIC_NAMES = {"val_loss": "loss", "val_psnr": "PSNR", "val_ssim": "SSIM",
+                "val_interlaced_loss": "in-between-frame loss", "val_masked_loss": "masked-pixel loss"}
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,8 @@ class History:
     """Per-epoch metrics of a run, and which weights were kept.
 
     ``records`` has one dict per epoch with the keys in ``COLUMNS`` (metrics
-    that need truth are NaN without it; ``val_masked_loss``, the blind-spot
-    loss at hidden pixels of the validation data, is NaN where not measured);
+    that need truth are NaN without it; the self-supervised scores,
+    ``val_interlaced_loss`` and ``val_masked_loss``, are NaN where not measured);
     ``history["val_psnr"]`` gives one column as a list. ``initial`` holds
     the validation metrics of the starting weights, ``best_epoch`` the epoch
     whose weights were kept (0: the starting weights were never beaten),
@@ -82,6 +85,17 @@ class History:
         if self.best_epoch == 0:
             return dict(self.initial)
         return dict(self.records[self.best_epoch - 1])
+
+    def last_progress(self, improves: Callable[[float, float], bool]) -> int:
+        """The last epoch that ``improves`` on the starting weights and every earlier epoch (0:
+        none), by the metric alone: what patience counts from, even while an epoch is not yet
+        good enough to replace the starting weights (``TrainSettings.min_gain``)."""
+        best, last = self.initial.get(self.metric, math.nan), 0
+        for epoch, record in enumerate(self.records, start=1):
+            score = record.get(self.metric, math.nan)
+            if math.isnan(best) or improves(score, best):
+                best, last = score, epoch
+        return last
 
     @property
     def kept_start(self) -> bool:

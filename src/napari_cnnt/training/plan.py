@@ -38,9 +38,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import TrainingSettingsError
+from . import interlace
 from .data import Sample
 from .recipes import Recipe
-from .settings import TrainSettings
+from .settings import SELF_SUPERVISED_SCORES, TrainSettings, score_of
 
 # Peak memory of one training step (forward, float32 loss, backward, AdamW) in
 # float32 values per input voxel, as a multiple of what inference needs
@@ -120,6 +121,7 @@ class Plan:
     estimate: Estimate
     notes: list[str] = field(default_factory=list)
     recipe: str = ""
+    frames: int = 0  # frames a training step's patches give the network (0: settings.time)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -192,6 +194,8 @@ def fit_to_data(
         changes["time"] = int(largest_t)
         notes.append(f"time window {settings.time} -> {largest_t} frames: no stack is longer")
 
+    _fit_objective(settings, given, train, changes, notes)
+
     # Patch sizes.
     sizes = list(settings.patch_sizes)
     if "patch_sizes" in given:
@@ -218,6 +222,30 @@ def fit_to_data(
         h, w = max(changes.get("patch_sizes", sizes), key=lambda hw: hw[0] * hw[1])
         changes["val_patch_size"] = (min(h, _round_down(int(vh), m)), min(w, _round_down(int(vw), m)))
     return replace(settings, **changes) if changes else settings, notes
+
+
+def _fit_objective(settings: TrainSettings, given: Mapping[str, Any], train: Sequence[Sample],
+                   changes: dict[str, Any], notes: list[str]) -> None:
+    """The time window and the objective for noisy stacks, added to ``changes``."""
+    # The interlaced objective must not pad a noisy stack in time: a repeated frame would be both
+    # input and target.
+    noisy_t = [t.shape[0] for t in train if not t.has_truth]
+    time = changes.get("time", settings.time)
+    if settings.objective == "interlaced" and noisy_t and min(noisy_t) < time:
+        if "time" in given:
+            raise SettingError("time", f"a time window of {time} frames is longer than the shortest noisy stack "
+                                       f"({min(noisy_t)} frames), which the interlaced objective cannot pad; "
+                                       f"lower {{setting}} to at most {min(noisy_t)}")
+        changes["time"] = int(min(noisy_t))
+        notes.append(f"time window {time} -> {min(noisy_t)} frames: the shortest noisy stack")
+
+    # Single frames have no neighbours in time: they hide pixels instead.
+    if changes.get("time", settings.time) == 1 and settings.objective == "interlaced":
+        changes["objective"] = "blind-spot"
+        if settings.select in SELF_SUPERVISED_SCORES:
+            changes["select"] = score_of("blind-spot")
+        if not all(t.has_truth for t in train):
+            notes.append("objective interlaced -> blind-spot: single frames have no neighbours in time")
 
 
 def _sizes_text(sizes: Sequence[tuple[int, int]]) -> str:
@@ -277,7 +305,15 @@ def plan_run(
     settings, more = fit_to_memory(recipe, given, settings, config, runtime.fast, available, parameters)
     estimate = Estimate(settings_bytes(config, settings, runtime.fast, parameters), available,
                         _steps(settings, len(train)))
-    return Plan(settings, estimate, notes + more)
+    return Plan(settings, estimate, notes + more, frames=frames_per_step(settings, train))
+
+
+def frames_per_step(s: TrainSettings, train: Sequence[Sample]) -> int:
+    """Frames per patch the network sees in a training step: half of them when noisy stacks learn
+    by the interlaced objective (the whole batch then takes every other frame)."""
+    if s.objective == "interlaced" and s.time > 1 and not all(t.has_truth for t in train):
+        return interlace.frames_seen(s.time)
+    return s.time
 
 
 def _steps(s: TrainSettings, n_train: int) -> int:
@@ -291,8 +327,9 @@ def _steps(s: TrainSettings, n_train: int) -> int:
 _STEP_TIMES: dict[tuple, float] = {}
 
 
-def time_per_step(model: Any, settings: TrainSettings, runtime: Any, repeats: int = 1) -> float:
-    """Seconds of one optimiser step at the run's largest patch: the fastest of ``repeats`` steps
+def time_per_step(model: Any, settings: TrainSettings, runtime: Any, repeats: int = 1, frames: int = 0) -> float:
+    """Seconds of one optimiser step at the run's largest patch (of ``frames`` frames, by default
+    ``settings.time``): the fastest of ``repeats`` steps
     after a warm-up step (the first bf16 step on a CPU also compiles its kernels and can take
     several times longer). Measured once per model shape, step shape and runtime in a session.
 
@@ -303,7 +340,8 @@ def time_per_step(model: Any, settings: TrainSettings, runtime: Any, repeats: in
     from ..losses import CombinedLoss
 
     h, w = max(settings.patch_sizes, key=lambda hw: hw[0] * hw[1])
-    key = (model.config.to_json(), settings.batch_size, settings.time, h, w, str(runtime.device), runtime.fast,
+    frames = frames or settings.time
+    key = (model.config.to_json(), settings.batch_size, frames, h, w, str(runtime.device), runtime.fast,
            settings.loss, repeats)
     if key in _STEP_TIMES:
         return _STEP_TIMES[key]
@@ -312,7 +350,7 @@ def time_per_step(model: Any, settings: TrainSettings, runtime: Any, repeats: in
         net = runtime.prepare(copy.deepcopy(model).train())
         opt = torch.optim.AdamW(net.parameters(), lr=1e-6)
         loss_fn = CombinedLoss(settings.loss, settings.loss_weights)
-        x = torch.rand(settings.batch_size, settings.time, 1, h, w, device=runtime.device)
+        x = torch.rand(settings.batch_size, frames, 1, h, w, device=runtime.device)
         best = math.inf
         for i in range(1 + repeats):
             t0 = time.perf_counter()
@@ -342,7 +380,7 @@ def fit_to_time(
     s = plan.settings
     if not (recipe.minutes and "epochs" not in given and s.steps_per_epoch):
         return plan
-    step = time_per_step(model, s, runtime)
+    step = time_per_step(model, s, runtime, frames=plan.frames)
     notes = list(plan.notes)
     per_epoch = s.steps_per_epoch * step + _validation_seconds(step, s, n_val_patches)
     epochs = int(min(s.epochs, max(recipe.min_epochs, (recipe.minutes * 60) // per_epoch)))
@@ -355,7 +393,7 @@ def fit_to_time(
     estimate = replace(plan.estimate, steps=s.epochs * n_train if n_train else plan.estimate.steps,
                        seconds_per_step=step,
                        validation_seconds=(s.epochs + 1) * _validation_seconds(step, s, n_val_patches))
-    return Plan(s, estimate, notes)
+    return replace(plan, settings=s, estimate=estimate, notes=notes)
 
 
 def estimate_time(model: Any, plan: Plan, runtime: Any, n_val_patches: int = 0) -> Estimate:
@@ -364,7 +402,7 @@ def estimate_time(model: Any, plan: Plan, runtime: Any, n_val_patches: int = 0) 
     if plan.estimate.seconds is not None:
         return plan.estimate
     s = plan.settings
-    step = time_per_step(model, s, runtime)
+    step = time_per_step(model, s, runtime, frames=plan.frames)
     validation = (s.epochs + 1) * _validation_seconds(step, s, n_val_patches)
     return replace(plan.estimate, seconds_per_step=step, validation_seconds=validation)
 

@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .settings import TrainSettings
+from .settings import SELF_SUPERVISED_SCORES, TrainSettings, score_of
 
 # Settings a recipe may leave to the data and the machine.
 AUTO_SETTINGS = ("patch_sizes", "time", "batch_size", "val_patch_size")
@@ -54,6 +54,8 @@ class Recipe:
             raise TypeError(
                 f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(TrainSettings.names())}"
             )
+        if "objective" in options and "select" not in options and self.settings.select in SELF_SUPERVISED_SCORES:
+            options = {**options, "select": score_of(options["objective"])}  # each objective's own score
         return TrainSettings(**{**self.settings.to_dict(), **options})
 
 
@@ -105,20 +107,19 @@ BACKBONE = Recipe(
 SELF_SUPERVISED = Recipe(
     "self-supervised",
     "Fine-tuning on noisy stacks alone, without clean images (the default when a sample has "
-    "none): a blind-spot objective hides 2 % of the pixels of every frame, each replaced by a "
-    "random neighbour's value (never its own), and the loss is the squared error at the hidden "
-    "pixels against their noisy values. A budget of 120 "
-    "optimiser steps (12 rounds of 10, validated after each; fewer rounds, at least 3, where they "
-    "would take more than 8 minutes on this machine), 4 random patches a step, flips, quarter turns "
-    "and time reversal; AdamW at up to 2e-4 with a 10 % warm-up and a cosine decay. Patches of up "
-    "to 64 x 64 x 16 frames. Validation is the masked-pixel loss on held-out regions (8 fixed "
-    "patches a sample, the same pixels hidden every time); the starting weights are validated too "
-    "and kept unless an epoch improves on them by at least 0.2 %. Pairs given beside noisy stacks "
+    "none): every other frame is the input and the loss is the squared error against the mean of "
+    "its two neighbouring frames, whose noise the network never sees, plus half the change the "
+    "starting model sees between them and the frame (single frames hide pixels instead). A budget of 120 optimiser steps (12 rounds of 10, validated after each; fewer "
+    "rounds, at least 3, where they would take more than 8 minutes on this machine), 4 random "
+    "patches a step, flips, quarter turns and time reversal; AdamW at up to 2e-4 with a 10 % "
+    "warm-up and a cosine decay. Patches of up to 64 x 64 x 16 frames. Validation is the same "
+    "loss on held-out regions (8 fixed patches a sample); the starting weights are validated too "
+    "and kept unless an epoch improves on them by at least 0.05 %. Pairs given beside noisy stacks "
     "train with ssim + mse.",
     # The few-sample budget, schedule and augmentations; validated without truth.
     dataclasses.replace(
-        FEW_SAMPLE.settings, val_patches_per_sample=8, select="val_masked_loss", min_gain=0.002,
-        blind_spot=0.02, blind_frames=0,
+        FEW_SAMPLE.settings, val_patches_per_sample=8, select="val_interlaced_loss", min_gain=0.0005,
+        objective="interlaced", motion_correction=0.5,
     ),
     frozenset({"patch_sizes", "time", "batch_size", "val_patch_size"}),
     minutes=8.0,

@@ -16,10 +16,22 @@ SCHEDULERS = ("ReduceLROnPlateau", "StepLR", "OneCycleLR", "WarmupCosine", "none
 # Schedules that step every batch and are planned for the whole run.
 PER_STEP = ("OneCycleLR", "WarmupCosine")
 # What the kept weights can be selected by: validation metrics, and whether higher is better.
-SELECT = {"val_loss": False, "val_psnr": True, "val_ssim": True, "val_masked_loss": False}
+SELECT = {"val_loss": False, "val_psnr": True, "val_ssim": True, "val_interlaced_loss": False, "val_masked_loss": False}
 # Metrics that compare with a clean image, which noisy-only validation samples do not have.
 NEEDS_TRUTH = ("val_loss", "val_psnr", "val_ssim")
 OPTIMIZERS = ("adamw", "nadam", "sgd")
+# How samples without truth are learnt from (``objective``), and the validation score of each, which
+# needs no truth: the interlaced objective (:mod:`~napari_cnnt.training.interlace`) and the blind spot
+# (:mod:`~napari_cnnt.training.blindspot`).
+OBJECTIVES = ("interlaced", "blind-spot")
+SELF_SUPERVISED_SCORES = {"val_interlaced_loss": "interlaced", "val_masked_loss": "blind-spot"}
+# What every validation reports (NaN where it was not measured).
+VALIDATION_KEYS = ("val_loss", "val_psnr", "val_ssim", *SELF_SUPERVISED_SCORES)
+
+
+def score_of(objective: str) -> str:
+    """The validation score of a self-supervised objective."""
+    return next(k for k, v in SELF_SUPERVISED_SCORES.items() if v == objective)
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -43,15 +55,19 @@ class TrainSettings:
     (the starting weights among them); ``patience > 0`` ends training after
     that many epochs without improvement. ``augment`` names the random
     changes made to training patches (:data:`~napari_cnnt.training.data.AUGMENTATIONS`).
-    ``blind_spot`` is the fraction of pixels hidden in every frame of a patch
-    of a sample without truth (:mod:`~napari_cnnt.training.blindspot`);
-    ``select="val_masked_loss"`` selects by the masked-pixel loss on the
-    validation samples, which needs no truth. ``blind_frames > 0`` hides every
-    ``blind_frames``-th frame whole instead of scattered pixels, each replaced
-    by a neighbouring frame. ``min_gain`` is how much better than the starting
-    weights' score, as a fraction of it, an epoch must validate to replace them:
-    for a score such as the masked-pixel loss, which is mostly the noise itself,
-    a change within its noise says nothing.
+    ``objective`` is how patches of samples without truth are learnt from:
+    ``"interlaced"``, every other frame predicting the frames in between
+    (:mod:`~napari_cnnt.training.interlace`; ``motion_correction`` weighs the
+    starting model's view of what changes between frames in its target), or
+    ``"blind-spot"``, hiding
+    the fraction ``blind_spot`` of the pixels of every frame
+    (:mod:`~napari_cnnt.training.blindspot`; single-frame patches always do).
+    Each validates by its own loss, which needs no truth
+    (``select="val_interlaced_loss"`` or ``"val_masked_loss"``).
+    ``min_gain`` is how much better than the starting weights' score, as a
+    fraction of it, an epoch must validate to replace them: for a
+    self-supervised score, which is mostly the noise itself, a change within
+    its noise says nothing.
     """
 
     epochs: int = 30
@@ -79,8 +95,9 @@ class TrainSettings:
     select: str = "val_loss"
     augment: tuple[str, ...] = ("flip",)
     val_patch_size: tuple[int, int] | None = None
+    objective: str = "interlaced"
+    motion_correction: float = 0.5
     blind_spot: float = 0.02
-    blind_frames: int = 0
     min_gain: float = 0.0
 
     def __post_init__(self) -> None:
@@ -107,9 +124,7 @@ class TrainSettings:
 
         for name in ("epochs", "time", "batch_size", "patches_per_sample", "val_patches_per_sample"):
             positive_int(name)
-        if self.blind_frames == 1:
-            raise ValueError("blind_frames=1 would hide every frame: use 0 (pixels) or 2 or more")
-        for name in ("steps_per_epoch", "patience", "blind_frames"):
+        for name in ("steps_per_epoch", "patience"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
                 raise ValueError(f"{name} must be a non-negative integer (0: off), got {v!r}")
@@ -125,6 +140,11 @@ class TrainSettings:
             raise ValueError(f"unknown augmentation(s) {', '.join(unknown)}; choose from {', '.join(AUGMENTATIONS)}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if SELF_SUPERVISED_SCORES.get(self.select, self.objective) != self.objective:
+            raise ValueError(f"select={self.select} scores the {SELF_SUPERVISED_SCORES[self.select]} objective; "
+                             f"with objective={self.objective!r} select {score_of(self.objective)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
 
@@ -141,6 +161,8 @@ class TrainSettings:
             raise ValueError(f"clip_grad_norm must be finite (<= 0 turns clipping off), got {self.clip_grad_norm}")
         if not (isinstance(self.min_gain, (int, float)) and 0 <= self.min_gain < 1):
             raise ValueError(f"min_gain must be a fraction in [0, 1), got {self.min_gain!r}")
+        if not (isinstance(self.motion_correction, (int, float)) and 0 <= self.motion_correction <= 1):
+            raise ValueError(f"motion_correction must be a weight in [0, 1], got {self.motion_correction!r}")
         if not (isinstance(self.blind_spot, (int, float)) and 0 < self.blind_spot <= 0.25):
             raise ValueError(f"blind_spot must be a fraction of the pixels in (0, 0.25], got {self.blind_spot!r}")
         for name in ("value_thres", "area_thres"):

@@ -23,6 +23,7 @@ number of processes it is split over.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from ..losses import CombinedLoss, psnr, ssim
 from ..metrics import truth_range
 from ..model.denoiser import CNNTDenoiser
 from ..runtime import Runtime
-from . import distributed
+from . import distributed, interlace
 from .blindspot import VISIBLE, draw_mask, hide, masked_loss
 from .checkpoints import (
     CHECKPOINT_FORMAT,
@@ -60,7 +61,7 @@ from .data import (
 from .history import History, Progress
 from .lsuv import lsuv_init
 from .optim import make_optimizer, make_scheduler
-from .settings import NEEDS_TRUTH, PER_STEP, TrainSettings
+from .settings import NEEDS_TRUTH, PER_STEP, SELF_SUPERVISED_SCORES, VALIDATION_KEYS, TrainSettings, score_of
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -132,14 +133,20 @@ class Trainer:
         if settings.select in NEEDS_TRUTH and val and not all(v.has_truth for v in val):
             raise ValueError(
                 f"validation by {settings.select} needs a clean image for every validation sample; without "
-                "truth select val_masked_loss (the self-supervised recipe does)"
+                f"truth select {score_of(settings.objective)} (the self-supervised recipe does)"
+            )
+        if settings.select == score_of("interlaced") and val and all(v.has_truth for v in val):
+            raise ValueError(
+                f"validation by {settings.select} scores noisy stacks without truth, and every validation "
+                "sample has a clean image; select val_psnr"
             )
         self.base = model
-        self.train_samples, self.val_samples = list(train), list(val)
-        self.truth = np.array([s.has_truth for s in self.train_samples])
         self.settings = settings
         self.split = split or Split([s.name for s in train], [s.name for s in val])
         self.runtime = Runtime.create(device, fast)
+        train, val = self._with_targets(train), self._with_targets(val)
+        self.train_samples, self.val_samples = list(train), list(val)
+        self.truth = np.array([s.has_truth for s in self.train_samples])
         self.progress = progress
         self.stop_requested = stop_check
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -150,6 +157,24 @@ class Trainer:
         self.steps = settings.steps_per_epoch or steps_per_epoch(
             len(train), len(self.samplers), settings.batch_size, settings.patches_per_sample)
         self._clock: list[float] = []  # [start, steps timed] of this run's training
+
+    def _with_targets(self, samples: list[Sample]) -> list[Sample]:
+        """The samples, those without truth given their interlaced targets when they learn by that
+        objective (:func:`~napari_cnnt.training.interlace.between_frames`, from the starting
+        model's output unless ``motion_correction`` is 0)."""
+        weight = self.settings.motion_correction
+
+        def targets(s: Sample) -> Sample:
+            if s.has_truth or not self._interlaced(s.shape[0]):
+                return s
+            start = np.zeros_like(s.noisy)
+            if weight:
+                from ..inference import denoise
+
+                start = denoise(s.noisy, self.base, normalization="none", device=self.runtime).astype(np.float32)
+            return dataclasses.replace(s, between=interlace.between_frames(s.noisy, start, weight).astype(np.float32))
+
+        return [targets(s) for s in samples]
 
     # ------------------------------------------------------------------ API
     def run(self) -> tuple[CNNTDenoiser, History]:
@@ -209,7 +234,7 @@ class Trainer:
 
         self._clock = [time.perf_counter(), 0]
         for epoch in range(len(history) + 1, s.epochs + 1):
-            if val_parts and s.patience and len(history) - history.best_epoch >= s.patience:
+            if val_parts and s.patience and len(history) - history.last_progress(s.improves) >= s.patience:
                 history.early = True  # also when a resumed run had already stopped improving
                 break
             t0 = time.perf_counter()
@@ -218,9 +243,10 @@ class Trainer:
                 history.stopped = True
                 break
             val = self._validate(model, val_parts, loss_fn) if val_parts else {
-                "val_loss": math.nan, "val_psnr": math.nan, "val_ssim": math.nan, "val_masked_loss": math.nan}
+                key: math.nan for key in VALIDATION_KEYS}
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                plateau = val["val_loss"] if not math.isnan(val["val_loss"]) else val["val_masked_loss"]
+                plateau = next((val[k] for k in ("val_loss", *SELF_SUPERVISED_SCORES) if not math.isnan(val[k])),
+                               math.nan)
                 scheduler.step(plateau if val_parts else train_loss)
             elif scheduler is not None and s.scheduler not in PER_STEP:
                 scheduler.step()
@@ -256,16 +282,20 @@ class Trainer:
                 return math.nan, lr, True
             noisy, clean = self.samplers[size].batch(indices, rng)
             blind = ~self.truth[indices]
-            # Drawn for the whole batch before it is shared, so the masks do not depend on the processes.
-            mask = None
-            if blind.any():
-                mask = draw_mask(noisy.shape, s.blind_spot, rng, s.blind_frames)
+            # Drawn for the whole batch before it is shared, so that they do not depend on the processes.
+            mask, scored = None, 0
+            if blind.any() and self._interlaced(noisy.shape[1]):
+                noisy, clean = interlace.training_batch(noisy, clean, int(rng.integers(0, 2)))
+                scored = int(blind.sum()) * int(np.prod(clean.shape[1:]))
+            elif blind.any():
+                mask = draw_mask(noisy.shape, s.blind_spot, rng)
                 mask[~blind] = VISIBLE
+                scored = int((mask >= 0).sum())
             share = slice(ranks.rank, None, ranks.world_size)
             x = torch.from_numpy(noisy[share]).to(rt.device, non_blocking=True)
             y = torch.from_numpy(clean[share]).to(rt.device, non_blocking=True)
             loss = self._loss(net, x, y, None if mask is None else torch.from_numpy(mask[share]).to(rt.device),
-                              blind, share, 0 if mask is None else int((mask >= 0).sum()), loss_fn)
+                              blind, share, scored, loss_fn)
             value = loss.item()
             if not math.isfinite(value):
                 raise FloatingPointError(
@@ -287,25 +317,38 @@ class Trainer:
         mean = distributed.sum_across([total / len(schedule)], ranks, rt.device)[0] / ranks.world_size
         return mean, lr, False
 
-    def _loss(self, net, x, y, mask, blind, share, hidden, loss_fn) -> torch.Tensor:
-        """The supervised loss on this process's patches with truth and the masked-pixel loss on
-        those without (their hidden pixels replaced in the input), weighted by their share of the
-        batch (``blind``: which patches of the whole batch have no truth; ``hidden``: how many
-        pixels the whole batch hides)."""
+    def _loss(self, net, x, y, mask, blind, share, scored, loss_fn) -> torch.Tensor:
+        """The supervised loss on this process's patches with truth and the self-supervised one on
+        those without, weighted by their share of the batch (``blind``: which patches of the whole
+        batch have no truth). The self-supervised loss is the squared error against the noisy
+        targets at the ``scored`` pixels of the whole batch: the hidden ones where ``mask`` is
+        given (blind-spot, their values replaced in the input), else every pixel of the targets of
+        the patches without truth (interlaced)."""
         rt = self.runtime
         if mask is not None:
             x = hide(x, mask)
         with rt.autocast():
             out = net(x).float()
-        if mask is None:
+        if not blind.any():
             return loss_fn(out, y)
         mine = blind[share]
-        # Divided by the whole batch's hidden pixels per process: see masked_loss.
-        loss = masked_loss(out, y, mask, hidden / self.ranks.world_size) * (blind.sum() / len(blind))
+        # Divided by the whole batch's scored pixels per process: see masked_loss.
+        per_process = scored / self.ranks.world_size
+        if mask is not None:
+            loss = masked_loss(out, y, mask, per_process)
+        else:
+            picked = torch.from_numpy(mine).to(out.device)
+            loss = (out[picked] - y[picked]).square().sum() / per_process
+        loss = loss * (blind.sum() / len(blind))
         if not mine.all():
             sup = torch.from_numpy(~mine).to(out.device)
             loss = loss + loss_fn(out[sup], y[sup]) * ((~blind).sum() / len(blind))
         return loss
+
+    def _interlaced(self, frames: int) -> bool:
+        """Whether patches of ``frames`` frames without truth learn by the interlaced objective
+        (single frames have no neighbours in time: they hide pixels)."""
+        return self.settings.objective == "interlaced" and frames > 1
 
     def _pace(self, epoch: int, step: int) -> tuple[float, float | None]:
         """Seconds trained in this run, and an estimate of the seconds left (validation included)."""
@@ -328,19 +371,21 @@ class Trainer:
         chosen = [s.val_patch_size] if s.val_patch_size else [sizes[0], sizes[-1]]
         ranges = np.array([truth_range(v.clean) if v.has_truth else math.nan for v in self.val_samples])
         truth = np.array([v.has_truth for v in self.val_samples])
-        masked = s.select == "val_masked_loss" or not truth.all()
+        masked = s.select in SELF_SUPERVISED_SCORES or not truth.all()
         parts = []
         for k, (h, w) in enumerate(dict.fromkeys(chosen)):
             sampler = PatchSampler(self.val_samples, s.time, h, w, s.value_thres, s.area_thres)
             x, y = sampler.fixed_patches(s.val_patches_per_sample, seed=[s.seed, 0, 1 + k])
-            mask = draw_mask(x.shape, s.blind_spot, np.random.default_rng([s.seed, 0, 100 + k]),
-                             s.blind_frames) if masked else None
+            mask = None
+            if masked and not self._interlaced(x.shape[1]):
+                mask = draw_mask(x.shape, s.blind_spot, np.random.default_rng([s.seed, 0, 100 + k]))
             share = slice(self.ranks.rank, None, self.ranks.world_size)
             parts.append({
                 "x": torch.from_numpy(x[share]), "y": torch.from_numpy(y[share]),
                 "truth": np.repeat(truth, s.val_patches_per_sample)[share],  # fixed_patches' order
                 "peaks": np.repeat(ranges, s.val_patches_per_sample)[share],
                 "mask": None if mask is None else torch.from_numpy(mask[share]),
+                "interlaced": masked and self._interlaced(x.shape[1]),
             })
         return parts
 
@@ -350,7 +395,8 @@ class Trainer:
         the same, and the masked-pixel loss over all of them (NaN where not measured)."""
         rt, bs = self.runtime, self.settings.batch_size
         model.eval()
-        sums = [0.0] * 6  # loss, PSNR, SSIM, patches with truth, masked squared error, hidden pixels
+        # loss, PSNR, SSIM, patches with truth; masked squared error, hidden pixels; interlaced ones
+        sums = [0.0] * 8
         for part in parts:
             xs, ys, truth, peaks, masks = part["x"], part["y"], part["truth"], part["peaks"], part["mask"]
             for i in range(0, len(xs), bs):
@@ -369,10 +415,20 @@ class Trainer:
                     count = float((m >= 0).sum())
                     sums[4] += masked_loss(out, x, m).item() * count  # against the noisy values, truth or not
                     sums[5] += count
-        loss, p, q, n, sq, hidden = distributed.sum_across(sums, self.ranks, rt.device)
+                blind = torch.from_numpy(~truth[i:i + bs]).to(rt.device)
+                if part["interlaced"] and blind.any():  # patches without truth, both parities
+                    for parity in (0, 1):
+                        seen = torch.from_numpy(interlace.input_frames(x.shape[1], parity)).to(rt.device)
+                        with rt.autocast():
+                            out = model(x[blind][:, seen])
+                        target = y[blind][:, seen]
+                        sums[6] += (out.float() - target).square().sum().item()
+                        sums[7] += target.numel()
+        loss, p, q, n, sq, hidden, isq, scored = distributed.sum_across(sums, self.ranks, rt.device)
         nan = math.nan
         return {"val_loss": loss / n if n else nan, "val_psnr": p / n if n else nan,
-                "val_ssim": q / n if n else nan, "val_masked_loss": sq / hidden if hidden else nan}
+                "val_ssim": q / n if n else nan, "val_masked_loss": sq / hidden if hidden else nan,
+                "val_interlaced_loss": isq / scored if scored else nan}
 
     def _should_stop(self) -> bool:
         flag = self.stop_requested()

@@ -2,8 +2,9 @@
 
 Drawn with QPainter so that the plugin needs no plotting library: losses
 share the left axis, PSNR (dB) has its own on the right. A run validated
-without truth has no PSNR: the right axis shows its masked-pixel loss, whose
-changes are far smaller than the training loss's level.
+without truth has no PSNR: the right axis shows its self-supervised loss (at
+the frames in between, or at hidden pixels), whose changes are far smaller
+than the training loss's level.
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ from qtpy.QtCore import QPointF, QRectF, Qt
 from qtpy.QtGui import QColor, QPainter, QPen
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
+from ...training.history import METRIC_NAMES
+from ...training.settings import SELF_SUPERVISED_SCORES
+
 SERIES = (  # (history column, legend, colour, right axis)
     ("train_loss", "train loss", "#4e9ff5", False),
     ("val_loss", "validation loss", "#f5a142", False),
     ("val_psnr", "validation PSNR (dB)", "#5fd35f", True),
 )
-NO_TRUTH_SERIES = (
-    ("train_loss", "train loss", "#4e9ff5", False),
-    ("val_masked_loss", "validation masked-pixel loss", "#5fd35f", True),
-)
+NO_TRUTH_SERIES = {  # by the self-supervised score that was measured
+    key: (("train_loss", "train loss", "#4e9ff5", False), (key, f"validation {name}", "#5fd35f", True))
+    for key, name in ((k, METRIC_NAMES[k]) for k in SELF_SUPERVISED_SCORES)
+}
 
 
 def _finite(records: Sequence[dict[str, float]], key: str) -> list[float]:
@@ -78,9 +82,11 @@ class LossPlot(QWidget):
 
     @property
     def series(self) -> tuple[tuple[str, str, str, bool], ...]:
-        """What is drawn: PSNR and the losses, or, validated without truth, the masked-pixel loss."""
-        if self.records and not _finite(self.records, "val_psnr") and _finite(self.records, "val_masked_loss"):
-            return NO_TRUTH_SERIES
+        """What is drawn: PSNR and the losses, or, validated without truth, the self-supervised loss."""
+        if self.records and not _finite(self.records, "val_psnr"):
+            for key, series in NO_TRUTH_SERIES.items():
+                if _finite(self.records, key):
+                    return series
         return SERIES
 
     def ranges(self) -> dict[bool, tuple[float, float]]:

@@ -2,7 +2,7 @@
 
 Training data are two image layers (or a CNNT HDF5 training file), or a noisy
 layer alone (*Clean*: "none"), which trains self-supervised with its own
-recipe and is validated by the masked-pixel loss; the first
+recipe and is validated by its loss at the frames in between; the first
 N samples are used, optionally only inside rectangles of a Shapes layer, and
 the last K of them are held out for validation (0: the last quarter of every
 sample). The controls start at a recipe's values (:mod:`napari_cnnt.training.recipes`,
@@ -104,7 +104,8 @@ class FinetuneWidget(Container):
         self.noisy = compact(ComboBox(label="Noisy", choices=self._image_layers))
         self.clean = compact(ComboBox(label="Clean", choices=self._clean_choices))
         self.clean.tooltip = (f"The clean image of the noisy layer; '{NO_CLEAN}' trains self-supervised on the "
-                              "noisy layer alone (validated by the masked-pixel loss on a held-out part).")
+                              "noisy layer alone: every other frame learns to predict the frames in between "
+                              "(validated by that loss on a held-out part).")
         self.file = FileEdit(mode="r", filter="*.h5 *.hdf5", label="Training file", visible=False)
         self.first = SpinBox(label="Samples (0: all)", value=0, min=0, max=100_000)
         self.first.tooltip = "Use the first N samples (groups of the file, or the first axis of 4-D layers)."
