@@ -15,7 +15,8 @@ machine state), for the ``small`` and ``reference`` presets:
   own float32 forward on the same tile and weights (``reference_code.py``)
   against napari-cnnt's default inference path;
 - the sample data (32 x 256 x 256) denoised whole with the bundled model: the
-  reference's method (its tile layout, float32), ``denoise`` in float32 and
+  reference's method (its tile layout, float32; with ``--reference`` its own
+  ``running_inference`` and network), ``denoise`` in float32 and
   on the fast path with the training patch as tile (a quarter overlap), and
   ``denoise`` as it runs by default; time, PSNR against the truth, the
   redundancy of each tile layout (voxel-frames computed per output
@@ -146,8 +147,39 @@ def training(name: str, args) -> dict:
     return dict(times=interleaved(fns, args.repeats), flops=flops, pf=x[:, :, 0].numel(), rel={})
 
 
-def sample_denoising(repeats: int) -> dict[str, dict] | None:
-    """Seconds, PSNR (dB), tile redundancy and peak memory of denoising the sample data with the bundled model."""
+def reference_method(root: str, model, noisy):
+    """The reference's own whole-image inference (``running_inference.py`` of a
+    CNNT_Microscopy checkout) with its own network holding ``model``'s weights:
+    its tile layout, a quarter of the training patch as overlap, float32.
+    ``noisy`` is normalised with the model's limits first and the result mapped
+    back, as ``denoise`` does."""
+    import importlib.util
+    from pathlib import Path
+
+    from reference_code import reference_network
+
+    spec = importlib.util.spec_from_file_location("cnnt_reference_inference", Path(root) / "running_inference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    net = reference_network(root, model)
+    c = model.config
+    lo, hi = model.normalization.limits(noisy)
+    image = ((noisy - lo) / (hi - lo)).astype("float32")
+
+    def run():
+        out, _ = module.running_inference(net, image, cutout=(c.time, c.height, c.width),
+                                          overlap=(c.time // 4, c.height // 4, c.width // 4))
+        return out * (hi - lo) + lo
+
+    return run
+
+
+def sample_denoising(repeats: int, reference: str | None = None) -> dict[str, dict] | None:
+    """Seconds, PSNR (dB), tile redundancy and peak memory of denoising the sample data with the bundled model.
+
+    The baseline is the reference's method: with ``reference`` (a checkout) its
+    own code, otherwise ``denoise(layout="reference")``, which computes the same
+    numbers with napari-cnnt's float32 copy of the network."""
     from napari_cnnt.inference import TilePlan, auto_layout
     from napari_cnnt.metrics import psnr_db
     from napari_cnnt.synthetic import sample_recording
@@ -173,10 +205,14 @@ def sample_denoising(repeats: int) -> dict[str, dict] | None:
         plans[label] = TilePlan.create(noisy.shape, patch["tile"], patch["overlap"])
     outputs, peaks = {}, {}
 
+    calls = {label: (lambda kw=kw: napari_cnnt.denoise(noisy, model, **kw)) for label, kw in variants.items()}
+    if reference:
+        calls["reference's method"] = reference_method(reference, model, noisy)
+
     def run(label: str) -> None:
         reset_peak()
         before = peak_mb()
-        outputs[label] = napari_cnnt.denoise(noisy, model, **variants[label])
+        outputs[label] = calls[label]()
         peaks[label] = peak_mb() - before
 
     # Hundreds of tiles a run: the first tile's set-up is a small share, so no warm-up run.
@@ -232,11 +268,13 @@ def main() -> None:
                       f"{r['times']['ref code'] / r['times']['default']:.2f}x", flush=True)
     if "sample" not in args.work:
         return
-    sample = sample_denoising(args.repeats)
+    sample = sample_denoising(args.repeats, args.reference)
     if sample is None:
         print("no bundled model: sample denoising skipped")
         return
-    print("sample data 32 x 256 x 256, bundled model, whole-stack denoising:")
+    print("sample data 32 x 256 x 256, bundled model, whole-stack denoising; the reference's method runs "
+          + ("the reference code (running_inference.py and its network)" if args.reference
+             else "denoise(layout='reference')") + ", float32:")
     base = sample["reference's method"]
     for label, r in sample.items():
         print(f"  {label:<22} {r['seconds']:7.2f} s  {base['seconds'] / r['seconds']:5.2f}x  PSNR {r['psnr']:.3f} dB "
