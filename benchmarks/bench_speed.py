@@ -153,22 +153,17 @@ def reference_method(root: str, model, noisy):
     its tile layout, a quarter of the training patch as overlap, float32.
     ``noisy`` is normalised with the model's limits first and the result mapped
     back, as ``denoise`` does."""
-    import importlib.util
-    from pathlib import Path
+    from reference_code import reference_inference, reference_network
 
-    from reference_code import reference_network
-
-    spec = importlib.util.spec_from_file_location("cnnt_reference_inference", Path(root) / "running_inference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    running_inference = reference_inference(root)
     net = reference_network(root, model)
     c = model.config
     lo, hi = model.normalization.limits(noisy)
     image = ((noisy - lo) / (hi - lo)).astype("float32")
 
     def run():
-        out, _ = module.running_inference(net, image, cutout=(c.time, c.height, c.width),
-                                          overlap=(c.time // 4, c.height // 4, c.width // 4))
+        out, _ = running_inference(net, image, cutout=(c.time, c.height, c.width),
+                                   overlap=(c.time // 4, c.height // 4, c.width // 4))
         return out * (hi - lo) + lo
 
     return run

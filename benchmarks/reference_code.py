@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 
-def _module(root: Path):
-    path = Path(root) / "models" / "model.py"
+def _module(root: Path, relative: str = "models/model.py"):
+    """Import one file of a CNNT_Microscopy checkout by its path."""
+    path = Path(root) / relative
     if not path.is_file():
-        raise SystemExit(f"{root}: not a CNNT_Microscopy checkout (no models/model.py)")
-    spec = importlib.util.spec_from_file_location("cnnt_reference_model", path)
+        raise SystemExit(f"{root}: not a CNNT_Microscopy checkout (no {relative})")
+    spec = importlib.util.spec_from_file_location("cnnt_reference_" + path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -66,3 +67,8 @@ def reference_network(root: Path, model: nn.Module) -> ReferenceDenoiser:
     if missing or unexpected:
         raise RuntimeError(f"state dicts differ: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return net.eval().requires_grad_(False)
+
+
+def reference_inference(root: Path):
+    """The reference's whole-image inference function (``running_inference.py``)."""
+    return _module(root, "running_inference.py").running_inference
