@@ -57,7 +57,7 @@ FLAG_SETTINGS = {
 # How a refused setting is called on the command line.
 SETTING_FLAGS = {v: f"--{k}" for k, v in FLAG_SETTINGS.items()} | {
     "patch_sizes": "--height/--width", "betas": "--beta1/--beta2", "val_patch_size": "--height/--width",
-    "blind_spot": "--blind_spot", "objective": "--objective", "motion_correction": "--motion_correction",
+    "blind_spot": "--blind_spot", "objective": "--objective", "motion": "--motion",
 }
 
 log = logging.getLogger("napari_cnnt.training")
@@ -94,6 +94,7 @@ def _add(subparsers: Any, command: str, help_text: str, description: str) -> Non
                "--num_samples_wandb, --num_test_samples_wandb) and --save_cycle, --test_image_path are "
                "accepted and ignored. Under torchrun --nproc_per_node N the command trains data-parallel.",
     )
+    from .interlace import MOTIONS
     from .recipes import DEFAULT_FINETUNE, DEFAULT_TRAIN, RECIPES
     from .settings import OBJECTIVES
 
@@ -127,9 +128,10 @@ def _add(subparsers: Any, command: str, help_text: str, description: str) -> Non
                        help="how noisy stacks are learnt from: interlaced (every other frame predicts the frames "
                             "in between; the default) or blind-spot (hidden pixels predicted from their "
                             "surroundings and the other frames; single frames always do)")
-        g.add_argument("--motion_correction", type=float, metavar="WEIGHT",
-                       help="with the interlaced objective, how much of what the starting model sees change "
-                            "between frames goes into the targets, 0 to 1 (default: 0.5)")
+        g.add_argument("--motion", choices=MOTIONS,
+                       help="with the interlaced objective, how the neighbouring frames are brought onto the "
+                            "frame they stand for: flow (along the optical flow of the starting model's "
+                            "output; the default) or none")
         g.add_argument("--blind_spot", type=float, metavar="FRACTION",
                        help="with --objective blind-spot, the fraction of the pixels of every frame hidden "
                             "(default: 0.02)")
@@ -312,7 +314,7 @@ def _options(args: argparse.Namespace, new_model: bool) -> dict[str, Any]:
     """The settings given on the command line, as ``TrainSettings`` fields (the recipe gives the rest)."""
     recipe = _recipe(args).settings
     options = {field: getattr(args, flag) for flag, field in FLAG_SETTINGS.items() if getattr(args, flag) is not None}
-    for name in ("blind_spot", "objective", "motion_correction"):
+    for name in ("blind_spot", "objective", "motion"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     for name in ("loss", "loss_weights"):

@@ -8,17 +8,18 @@ independent of everything in the input and the squared error is lowest for
 the clean signal the target stands for (Noise2Noise).
 
 The plain mean of the neighbours stands for the clean frame only where the
-scene does not change within two frame intervals; drift, bleaching and
-moving structures make it a blurred frame, and a network trained on it
-learns to blur (0.7 dB lost on mitochondria drifting half a pixel a frame,
-``benchmarks/bench_selfsupervised.py``). So :func:`between_frames` adds the
-change the starting model's output shows between the neighbours and the
-frame, weighted by ``TrainSettings.motion_correction``: what moves is then
-carried by the starting model's output. That output is fixed before
-training, and its noise-free part is all that matters for the target's
-clean part; it does hold some of the frame's own noise, which pulls the
-network towards the starting model, and its frame-to-frame errors become
-part of the target, hence a weight below 1 (docs/training.md).
+scene does not change within two frame intervals; drift and moving
+structures make it a blurred frame, and a network trained on it learns to
+blur (0.7 dB lost on mitochondria creeping about half a pixel a frame,
+``benchmarks/bench_selfsupervised.py``). So :func:`between_frames` first
+moves each neighbour onto the frame along the optical flow between them:
+the flow is estimated on the starting model's output (fixed before
+training, so nearly noise-free), and the noisy neighbour is resampled
+along it. The target's noise is then still that of the neighbours alone,
+and only its clean part is moved. On the benchmark's stacks the clean part
+of the aligned target is 45.3 dB from the true frame for mitochondria and
+40.9 dB for membranes, against 38.9 and 38.6 dB for the plain mean
+(docs/training.md).
 
 Compared with a blind spot (:mod:`~napari_cnnt.training.blindspot`) every
 input pixel is a real measurement at the noise level being denoised, so the
@@ -32,6 +33,16 @@ Shapes: stacks ``[T, H, W]``, batches ``[B, T, C, H, W]``, ``T >= 2``.
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+MOTIONS = ("flow", "none")
+"""How :func:`between_frames` brings the neighbours onto the frame: along the optical flow, or not at all."""
+
+FLOW_RADIUS = 15
+"""Radius in pixels of the window over which the optical flow is taken constant (skimage's iterative
+Lucas-Kanade). Narrower windows follow what noise the starting model left: on the benchmark's
+stacks the aligned targets were 0.4-0.7 dB (radius 7) and 2.5-4.9 dB (radius 4) further from the
+true frames."""
 
 
 def input_frames(frames: int, parity: int) -> np.ndarray:
@@ -57,16 +68,50 @@ def neighbours(frames: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(t > 0, t - 1, t + 1), np.where(t < frames - 1, t + 1, t - 1)
 
 
-def between_frames(noisy, start, motion: float = 1.0):
-    """The target of every frame of a ``[T, H, W]`` stack (float32 numpy or torch): the mean of
-    its two neighbouring frames plus ``motion`` times the change that ``start`` (the starting
-    model's output, same shape) shows between them and the frame. ``motion=1``: the starting
-    model's frame plus the neighbours' residuals ``noisy - start``; ``motion=0``: the plain mean.
-    Frame ``t``'s target holds no noisy value of frame ``t``, nor of any frame of its parity."""
+def flow(reference: np.ndarray, moving: np.ndarray) -> np.ndarray:
+    """The optical flow ``[2, H, W]`` (rows, columns, in pixels) that brings ``moving`` onto
+    ``reference`` (both ``[H, W]``): ``moving`` sampled at ``grid + flow`` looks like ``reference``."""
+    from skimage.registration import optical_flow_ilk
+
+    return optical_flow_ilk(np.asarray(reference, np.float32), np.asarray(moving, np.float32),
+                            radius=FLOW_RADIUS).astype(np.float32)
+
+
+def warp(frame, displacement: np.ndarray):
+    """``frame`` (``[H, W]``, numpy or torch) sampled at ``grid + displacement`` (bilinear, edges
+    repeated); linear in ``frame``, so gradients flow through it to the frame alone."""
+    h, w = frame.shape
+    image = torch.as_tensor(frame, dtype=torch.float32)
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+    d = torch.from_numpy(np.asarray(displacement, np.float32))
+    y = (rows + d[0]) * (2 / max(h - 1, 1)) - 1
+    x = (cols + d[1]) * (2 / max(w - 1, 1)) - 1
+    grid = torch.stack([x, y], dim=-1)[None]
+    out = torch.nn.functional.grid_sample(image[None, None], grid, mode="bilinear", padding_mode="border",
+                                          align_corners=True)[0, 0]
+    return out if isinstance(frame, torch.Tensor) else out.numpy()
+
+
+def between_frames(noisy, start, motion: str = "flow"):
+    """The target of every frame of a ``[T, H, W]`` stack (float32 numpy or torch): the mean of its
+    two neighbouring frames, each first moved onto the frame along the optical flow that
+    ``start`` (the starting model's output, same shape, numpy) shows between them
+    (``motion="flow"``), or as they are (``"none"``). Frame ``t``'s target holds no noisy value
+    of frame ``t``, nor of any frame of its parity."""
     if tuple(noisy.shape) != tuple(start.shape):
         raise ValueError(f"the stack and the starting model's output differ in shape: {noisy.shape}, {start.shape}")
+    if motion not in MOTIONS:
+        raise ValueError(f"motion must be one of {MOTIONS}, got {motion!r}")
     before, after = neighbours(len(noisy))
-    return 0.5 * (noisy[before] + noisy[after]) + motion * (start - 0.5 * (start[before] + start[after]))
+    if motion == "none":
+        return 0.5 * (noisy[before] + noisy[after])
+    start = np.asarray(start.detach() if isinstance(start, torch.Tensor) else start, np.float32)
+    frames = []
+    for t, (b, a) in enumerate(zip(before, after)):
+        moved = [warp(noisy[n], flow(start[t], start[n])) for n in dict.fromkeys((int(b), int(a)))]
+        frames.append(moved[0] if len(moved) == 1 else 0.5 * (moved[0] + moved[1]))
+    return torch.stack(frames) if isinstance(noisy, torch.Tensor) else np.stack(frames)
 
 
 def training_batch(noisy: np.ndarray, target: np.ndarray, parity: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,4 +121,5 @@ def training_batch(noisy: np.ndarray, target: np.ndarray, parity: int) -> tuple[
     return np.ascontiguousarray(noisy[:, seen]), np.ascontiguousarray(target[:, seen])
 
 
-__all__ = ["between_frames", "frames_seen", "input_frames", "neighbours", "training_batch"]
+__all__ = ["FLOW_RADIUS", "MOTIONS", "between_frames", "flow", "frames_seen", "input_frames", "neighbours",
+           "training_batch", "warp"]

@@ -108,8 +108,8 @@ SELF_SUPERVISED = Recipe(
     "self-supervised",
     "Fine-tuning on noisy stacks alone, without clean images (the default when a sample has "
     "none): every other frame is the input and the loss is the squared error against the mean of "
-    "its two neighbouring frames, whose noise the network never sees, plus half the change the "
-    "starting model sees between them and the frame (single frames hide pixels instead). A "
+    "its two neighbouring frames, whose noise the network never sees, each moved onto the frame "
+    "along the optical flow of the starting model's output (single frames hide pixels instead). A "
     "budget of 120 optimiser steps (12 rounds of 10, validated after each; fewer rounds, at "
     "least 3, where they would take more than 8 minutes on this machine), 4 random "
     "patches a step, flips, quarter turns and time reversal; AdamW at up to 2e-4 with a 10 % "
@@ -120,7 +120,7 @@ SELF_SUPERVISED = Recipe(
     # The few-sample budget, schedule and augmentations; validated without truth.
     dataclasses.replace(
         FEW_SAMPLE.settings, val_patches_per_sample=8, select="val_interlaced_loss", min_gain=0.0005,
-        objective="interlaced", motion_correction=0.5,
+        objective="interlaced", motion="flow",
     ),
     frozenset({"patch_sizes", "time", "batch_size", "val_patch_size"}),
     minutes=8.0,

@@ -11,6 +11,7 @@ import numpy as np
 from ..losses import CombinedLoss
 from ..model.config import CNNTConfig
 from .data import AREA_THRES, AUGMENTATIONS, VALUE_THRES, patch_sizes_of
+from .interlace import MOTIONS
 
 SCHEDULERS = ("ReduceLROnPlateau", "StepLR", "OneCycleLR", "WarmupCosine", "none")
 # Schedules that step every batch and are planned for the whole run.
@@ -57,8 +58,9 @@ class TrainSettings:
     changes made to training patches (:data:`~napari_cnnt.training.data.AUGMENTATIONS`).
     ``objective`` is how patches of samples without truth are learnt from:
     ``"interlaced"``, every other frame predicting the frames in between
-    (:mod:`~napari_cnnt.training.interlace`; ``motion_correction`` weighs the
-    starting model's view of what changes between frames in its target), or
+    (:mod:`~napari_cnnt.training.interlace`; ``motion="flow"`` moves the
+    neighbours onto the frame along the optical flow of the starting model's
+    output first, ``"none"`` leaves them as they are), or
     ``"blind-spot"``, hiding
     the fraction ``blind_spot`` of the pixels of every frame
     (:mod:`~napari_cnnt.training.blindspot`; single-frame patches always do).
@@ -96,7 +98,7 @@ class TrainSettings:
     augment: tuple[str, ...] = ("flip",)
     val_patch_size: tuple[int, int] | None = None
     objective: str = "interlaced"
-    motion_correction: float = 0.5
+    motion: str = "flow"
     blind_spot: float = 0.02
     min_gain: float = 0.0
 
@@ -161,8 +163,8 @@ class TrainSettings:
             raise ValueError(f"clip_grad_norm must be finite (<= 0 turns clipping off), got {self.clip_grad_norm}")
         if not (isinstance(self.min_gain, (int, float)) and 0 <= self.min_gain < 1):
             raise ValueError(f"min_gain must be a fraction in [0, 1), got {self.min_gain!r}")
-        if not (isinstance(self.motion_correction, (int, float)) and 0 <= self.motion_correction <= 1):
-            raise ValueError(f"motion_correction must be a weight in [0, 1], got {self.motion_correction!r}")
+        if self.motion not in MOTIONS:
+            raise ValueError(f"motion must be one of {', '.join(MOTIONS)}, got {self.motion!r}")
         if not (isinstance(self.blind_spot, (int, float)) and 0 < self.blind_spot <= 0.25):
             raise ValueError(f"blind_spot must be a fraction of the pixels in (0, 0.25], got {self.blind_spot!r}")
         for name in ("value_thres", "area_thres"):

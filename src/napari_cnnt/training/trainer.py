@@ -160,19 +160,19 @@ class Trainer:
 
     def _with_targets(self, samples: list[Sample]) -> list[Sample]:
         """The samples, those without truth given their interlaced targets when they learn by that
-        objective (:func:`~napari_cnnt.training.interlace.between_frames`, from the starting
-        model's output unless ``motion_correction`` is 0)."""
-        weight = self.settings.motion_correction
+        objective (:func:`~napari_cnnt.training.interlace.between_frames`, aligned along the
+        optical flow of the starting model's output unless ``motion`` is ``"none"``)."""
+        motion = self.settings.motion
 
         def targets(s: Sample) -> Sample:
             if s.has_truth or not self._interlaced(s.shape[0]):
                 return s
-            start = np.zeros_like(s.noisy)
-            if weight:
+            start = s.noisy
+            if motion != "none":
                 from ..inference import denoise
 
                 start = denoise(s.noisy, self.base, normalization="none", device=self.runtime).astype(np.float32)
-            return dataclasses.replace(s, between=interlace.between_frames(s.noisy, start, weight).astype(np.float32))
+            return dataclasses.replace(s, between=interlace.between_frames(s.noisy, start, motion).astype(np.float32))
 
         return [targets(s) for s in samples]
 
