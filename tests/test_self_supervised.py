@@ -331,6 +331,31 @@ def test_command_line_finetunes_on_noisy_files_alone(tiny_config, tmp_path, monk
     assert "masked-pixel loss" in open("logs/logs/ss.log").read()
 
 
+def test_command_line_chooses_how_interlaced_targets_follow_motion(tiny_config, tmp_path, monkeypatch):
+    """``--motion`` reaches the training settings, the default is the optical flow, and an unknown
+    choice is refused by the parser."""
+    import tifffile
+
+    from napari_cnnt import load_model
+    from napari_cnnt.cli import main
+    from napari_cnnt.model.checkpoint import save_model
+
+    monkeypatch.chdir(tmp_path)
+    tifffile.imwrite("a.tif", stack(1)[0])
+    base = CNNTDenoiser(tiny_config)
+    base.normalization = NORM
+    save_model(base, "base.safetensors")
+    common = ["finetune", "--noisy", "a.tif", "--load_path", "base.safetensors", "--num_epochs", "1",
+              "--steps_per_epoch", "1", "--batch_size", "1", "--time", "4", "--height", "16", "--width", "16",
+              "--no-fast"]
+    assert main([*common, "--run_name", "plain", "--motion", "none"]) == 0
+    assert main([*common, "--run_name", "flow"]) == 0
+    assert load_model("logs/model/plain.safetensors").metadata["training"]["motion"] == "none"
+    assert load_model("logs/model/flow.safetensors").metadata["training"]["motion"] == "flow"
+    with pytest.raises(SystemExit):
+        main([*common, "--motion", "blend"])
+
+
 def test_two_process_torchrun_matches_one_process_without_truth(tiny_config, tmp_path, monkeypatch):
     import csv
     import os

@@ -255,6 +255,7 @@ def test_fast_path_matches_float32(model):
         ({"augment": ("shear",)}, "unknown augmentation"),
         ({"patience": -1}, "patience must be"),
         ({"warmup": 1.5}, "warmup must be"),
+        ({"motion": 0.5}, "motion must be one of flow, none"),
     ],
 )
 def test_absurd_settings_are_refused(model, options, message):
