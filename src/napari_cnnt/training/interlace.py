@@ -17,7 +17,7 @@ the flow is estimated on the starting model's output (fixed before
 training, so nearly noise-free), and the noisy neighbour is resampled
 along it. The target's noise is then still that of the neighbours alone,
 and only its clean part is moved. On the benchmark's stacks the clean part
-of the aligned target is 45.3 dB from the true frame for mitochondria and
+of the aligned target is 45.2 dB from the true frame for mitochondria and
 40.9 dB for membranes, against 38.9 and 38.6 dB for the plain mean
 (docs/training.md).
 
