@@ -8,7 +8,8 @@ Convolutions are most of CNNT's work, so they bound what int8 can give:
   including the quantizing of its input and the dequantizing of its output;
 - accuracy: the sample data denoised with every convolution's weights rounded to int8 per output
   channel and its input to uint8 per tensor (scale from that very input: kinder than the fixed,
-  calibrated scale a deployed static model would use), against float32.
+  calibrated scale a deployed static model would use), against float32; then with only the
+  weights, and only the inputs, rounded, to show where the loss comes from.
 
 Usage::
 
@@ -86,17 +87,19 @@ def best_of(fn, repeats: int) -> float:
     return best
 
 
-def int8_rounded_conv2d(conv2d):
-    """``conv2d`` with its weight rounded to int8 per output channel and its input to uint8 per
-    tensor first."""
+def int8_rounded_conv2d(conv2d, weights: bool = True, inputs: bool = True):
+    """``conv2d`` with its weight rounded to int8 per output channel and/or its input to uint8
+    per tensor first."""
 
     def rounded(x, weight, bias=None, *args, **kwargs):
-        lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-        scale = max(hi - lo, 1e-8) / 255
-        x = torch.fake_quantize_per_tensor_affine(x, scale, int(round(-lo / scale)), 0, 255)
-        scales = weight.abs().amax(dim=(1, 2, 3)).clamp_min(1e-8) / 127
-        weight = torch.fake_quantize_per_channel_affine(
-            weight, scales, torch.zeros_like(scales, dtype=torch.int32), 0, -128, 127)
+        if inputs:
+            lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+            scale = max(hi - lo, 1e-8) / 255
+            x = torch.fake_quantize_per_tensor_affine(x, scale, int(round(-lo / scale)), 0, 255)
+        if weights:
+            scales = weight.abs().amax(dim=(1, 2, 3)).clamp_min(1e-8) / 127
+            weight = torch.fake_quantize_per_channel_affine(
+                weight, scales, torch.zeros_like(scales, dtype=torch.int32), 0, -128, 127)
         return conv2d(x, weight, bias, *args, **kwargs)
 
     return rounded
@@ -124,15 +127,18 @@ def main() -> None:
 
     noisy, clean = sample_recording()
     plain = napari_cnnt.denoise(noisy, model, device=rt)
-    # Every convolution through F.conv2d (no fused oneDNN mixer), rounded.
+    a = psnr_db(plain, clean)
     from unittest import mock
 
-    with mock.patch.object(runtime, "float32_fusion_pays", lambda config: False), \
-            mock.patch.object(torch.nn.functional, "conv2d", int8_rounded_conv2d(torch.nn.functional.conv2d)):
-        approx = napari_cnnt.denoise(noisy, model, device=Runtime.create("cpu", fast=False))
-    a, b = psnr_db(plain, clean), psnr_db(approx, clean)
-    print(f"sample {noisy.shape}: float32 {a:.3f} dB, int8 convolutions {b:.3f} dB ({b - a:+.3f} dB)")
-
+    # Every convolution through F.conv2d (no fused oneDNN mixer), rounded.
+    for label, weights, inputs in (("int8 convolutions", True, True), ("weights only", True, False),
+                                   ("inputs only", False, True)):
+        with mock.patch.object(runtime, "float32_fusion_pays", lambda config: False), \
+                mock.patch.object(torch.nn.functional, "conv2d",
+                                  int8_rounded_conv2d(torch.nn.functional.conv2d, weights, inputs)):
+            approx = napari_cnnt.denoise(noisy, model, device=Runtime.create("cpu", fast=False))
+        b = psnr_db(approx, clean)
+        print(f"sample {noisy.shape}: float32 {a:.3f} dB, {label} rounded {b:.3f} dB ({b - a:+.3f} dB)")
 
 if __name__ == "__main__":
     main()
