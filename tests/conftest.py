@@ -68,6 +68,8 @@ def one_torch_thread():
 
 @pytest.fixture
 def no_bf16(monkeypatch):
-    """This process behaves as on a CPU whose oneDNN cannot run bfloat16 (AVX2 only)."""
+    """This process behaves as on a CPU whose oneDNN cannot run bfloat16 (AVX2 only), whatever
+    the environment says (``NAPARI_CNNT_DISABLE_BF16`` would name itself as the reason instead)."""
+    monkeypatch.delenv(runtime.DISABLE_BF16, raising=False)
     monkeypatch.setattr(runtime, "cpu_runs_bf16", lambda: False)
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
