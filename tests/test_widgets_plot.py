@@ -31,3 +31,19 @@ def test_a_flat_psnr_curve_gets_distinct_labels_and_draws(qtbot):
     assert all(math.isclose(float(label), 33.5, abs_tol=0.05) for label in labels)
     image = plot.grab().toImage()  # paints without error
     assert image.width() == 360
+
+
+def test_axis_labels_of_a_run_without_truth_fit_beside_the_plot(qtbot):
+    plot = LossPlot()
+    qtbot.addWidget(plot)
+    plot.resize(300, 180)
+    records = [{"epoch": e, "train_loss": 0.012 - e / 1000, "val_interlaced_loss": 0.007351 - e * 1e-5}
+               for e in (1, 2, 3, 4)]
+    plot.set_records(records, epochs=12)
+    assert [name for _, name, _, _ in plot.series] == ["train loss", "validation in-between-frame loss"]
+    widths, fm = plot.axis_widths(), plot.fontMetrics()
+    for right, (lo, hi) in plot.ranges().items():
+        labels = [label for _, label in ticks(lo, hi)]
+        assert max(len(label) for label in labels) >= 5  # many decimals on both axes
+        assert all(fm.horizontalAdvance(label) + 4 <= widths[right] for label in labels)
+    assert plot.grab().toImage().width() == 300

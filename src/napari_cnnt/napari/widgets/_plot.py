@@ -95,27 +95,36 @@ class LossPlot(QWidget):
         return {side: _range([v for k, _, _, right in series if right == side for v in _finite(self.records, k)])
                 for side in (False, True)}
 
+    def axis_widths(self) -> dict[bool, int]:
+        """Pixels beside the plot for the left (``False``) and right (``True``) axis labels: each as
+        wide as its longest label, so that a small loss's many decimals are not cut off."""
+        fm = self.fontMetrics()
+        return {right: max(fm.horizontalAdvance(text) for _, text in ticks(lo, hi)) + 8
+                for right, (lo, hi) in self.ranges().items()}
+
     def paintEvent(self, event) -> None:  # noqa: N802 - Qt's name
         p = QPainter(self)
         p.setRenderHint(QPainter.RenderHint.Antialiasing)
         text = self.palette().windowText().color()
         fm = p.fontMetrics()
-        plot = QRectF(self.rect()).adjusted(48, 8 + 2 * fm.height(), -48, -fm.height() - 8)
+        ranges = self.ranges()
+        labels = {right: ticks(lo, hi) for right, (lo, hi) in ranges.items()}
+        width = self.axis_widths()
+        plot = QRectF(self.rect()).adjusted(width[False], 8 + 2 * fm.height(), -width[True], -fm.height() - 8)
         p.setPen(QPen(text, 1))
         p.drawRect(plot)
         n = max(self.epochs, len(self.records), 1)
         x_of = (lambda e: plot.left() + plot.width() * (e - 1) / (n - 1)) if n > 1 else (lambda e: plot.center().x())
         p.drawText(QRectF(plot.left(), plot.bottom() + 2, plot.width(), fm.height()),
                    Qt.AlignmentFlag.AlignCenter, f"epoch (of {n})")
-        ranges = self.ranges()
         for right, (lo, hi) in ranges.items():
             x = plot.right() + 4 if right else 0
             edge = plot.right() if right else plot.left()
             align = Qt.AlignmentFlag.AlignLeft if right else Qt.AlignmentFlag.AlignRight
-            for value, label in ticks(lo, hi):
+            for value, label in labels[right]:
                 y = plot.bottom() - plot.height() * (value - lo) / (hi - lo)
                 p.drawLine(QPointF(edge - 3, y), QPointF(edge + 3, y))
-                p.drawText(QRectF(x, y - fm.height() / 2, 44, fm.height()),
+                p.drawText(QRectF(x, y - fm.height() / 2, width[right] - 4, fm.height()),
                            align | Qt.AlignmentFlag.AlignVCenter, label)
         legend_x = plot.left()
         for i, (key, name, colour, right) in enumerate(self.series):
