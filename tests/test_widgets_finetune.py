@@ -330,6 +330,20 @@ def test_the_widget_and_the_command_line_start_from_the_same_recipe(make_napari_
     assert widget.estimate.value.endswith("lower 'Patch sizes' to at most 40 x 24.")
 
 
+def test_starting_while_the_estimate_runs_leaves_no_stale_estimate(make_napari_viewer, qtbot, tiny_model, notes):
+    viewer = make_napari_viewer()
+    _pair(viewer, (4, 32, 32))
+    widget = dock(viewer, "Fine-tune")
+    _quick(widget, add_model(tiny_model, "tiny"))
+    qtbot.waitUntil(lambda: widget.estimating is not None, timeout=10_000)
+    assert widget.estimate.value == "Estimating..."
+    click(qtbot, widget.start_button)
+    assert widget.estimate.value == ""
+    wait_idle(qtbot, widget)
+    qtbot.waitUntil(lambda: widget.estimating is None, timeout=30_000)
+    assert widget.estimate.value == "" and not errors(notes)
+
+
 def test_a_noisy_layer_alone_trains_self_supervised(make_napari_viewer, qtbot, tiny_model, notes):
     """Clean "none": the self-supervised recipe's defaults, a run validated by the in-between-frame
     loss (plotted, as there is no PSNR), and a model that records how it was trained."""

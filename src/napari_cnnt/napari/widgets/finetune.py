@@ -372,6 +372,8 @@ class FinetuneWidget(Container):
                             stop=stop, **settings)
 
         self._estimate_timer.stop()
+        if self.estimating is not None:  # its result will not be shown: the run's progress says more
+            self.estimate.value = ""
         self.run = FinetuneRun(entry, data, recipe, settings)
         self.plot.set_records([], self.run.epochs)
         self.job = Job(task, on_report=self._report, on_end=self._ended, keep=lambda p: p.event == "epoch")
