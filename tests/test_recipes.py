@@ -12,7 +12,7 @@ from napari_cnnt.runtime import Runtime
 from napari_cnnt.synthetic import BACKBONE_STRUCTURES, STRUCTURES, simulate
 from napari_cnnt.training.data import Sample
 from napari_cnnt.training.plan import SettingError, estimate_time, plan_run, step_bytes
-from napari_cnnt.training.recipes import FEW_SAMPLE, RECIPES, REFERENCE
+from napari_cnnt.training.recipes import FEW_SAMPLE, RECIPES, REFERENCE, SELF_SUPERVISED
 from napari_cnnt.training.settings import TrainSettings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -42,6 +42,16 @@ def test_reference_recipe_is_the_papers():
     # On samples the reference's patches fit, nothing is changed.
     p = plan("reference", samples((16, 200, 200), (16, 160, 180)))
     assert p.settings == s and p.notes == []
+
+
+def test_self_supervised_recipe_is_the_few_sample_one_with_twice_the_steps_and_no_truth():
+    s, f = SELF_SUPERVISED.settings, FEW_SAMPLE.settings
+    assert (s.epochs * s.steps_per_epoch, f.epochs * f.steps_per_epoch) == (240, 120)
+    assert (s.objective, s.motion, s.select, s.min_gain) == ("interlaced", "flow", "val_interlaced_loss", 0.0005)
+    assert (s.lr, s.scheduler, s.augment, s.patch_sizes, s.batch_size) == (
+        f.lr, f.scheduler, f.augment, f.patch_sizes, f.batch_size)
+    assert SELF_SUPERVISED.minutes == FEW_SAMPLE.minutes == 8.0
+    assert "240 optimiser steps" in SELF_SUPERVISED.description
 
 
 def test_patch_sizes_chosen_for_small_samples():
