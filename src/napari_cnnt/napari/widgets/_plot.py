@@ -110,7 +110,11 @@ class LossPlot(QWidget):
         ranges = self.ranges()
         labels = {right: ticks(lo, hi) for right, (lo, hi) in ranges.items()}
         width = self.axis_widths()
-        plot = QRectF(self.rect()).adjusted(width[False], 8 + 2 * fm.height(), -width[True], -fm.height() - 8)
+        # Two legend entries a row where they fit in half the width each, else one a row.
+        inner = self.width() - width[False] - width[True]
+        halves = all(fm.horizontalAdvance(name) + 22 <= inner / 2 for _, name, _, _ in self.series)
+        rows = math.ceil(len(self.series) / 2) if halves else len(self.series)
+        plot = QRectF(self.rect()).adjusted(width[False], 8 + rows * fm.height(), -width[True], -fm.height() - 8)
         p.setPen(QPen(text, 1))
         p.drawRect(plot)
         n = max(self.epochs, len(self.records), 1)
@@ -131,8 +135,8 @@ class LossPlot(QWidget):
             lo, hi = ranges[right]
             pen = QPen(QColor(colour), 2)
             p.setPen(pen)
-            row = i // 2
-            x0 = legend_x if i % 2 == 0 else plot.left() + plot.width() / 2
+            row, column = (i // 2, i % 2) if halves else (i, 0)
+            x0 = legend_x + column * plot.width() / 2
             y0 = 4 + row * fm.height() + fm.height() / 2
             p.drawLine(QPointF(x0, y0), QPointF(x0 + 14, y0))
             p.setPen(QPen(text))
