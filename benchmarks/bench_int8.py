@@ -140,5 +140,6 @@ def main() -> None:
         b = psnr_db(approx, clean)
         print(f"sample {noisy.shape}: float32 {a:.3f} dB, {label} rounded {b:.3f} dB ({b - a:+.3f} dB)")
 
+
 if __name__ == "__main__":
     main()

@@ -119,7 +119,7 @@ SELF_SUPERVISED = Recipe(
     "and kept unless an epoch improves on them by at least 0.05 %. Pairs given beside noisy stacks "
     "train with ssim + mse.",
     # The few-sample schedule and augmentations, twice the steps (measured in docs/training.md:
-    # +0.97 -> +1.26 dB on membranes, +0.67 -> +0.86 dB on mitochondria); validated without truth.
+    # +0.97 -> +1.26 dB on membranes, +0.67 -> +0.75 dB on mitochondria); validated without truth.
     dataclasses.replace(
         FEW_SAMPLE.settings, epochs=24, val_patches_per_sample=8, select="val_interlaced_loss", min_gain=0.0005,
         objective="interlaced", motion="flow",

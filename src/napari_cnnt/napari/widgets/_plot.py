@@ -95,25 +95,31 @@ class LossPlot(QWidget):
         return {side: _range([v for k, _, _, right in series if right == side for v in _finite(self.records, k)])
                 for side in (False, True)}
 
-    def axis_widths(self) -> dict[bool, int]:
-        """Pixels beside the plot for the left (``False``) and right (``True``) axis labels: each as
-        wide as its longest label, so that a small loss's many decimals are not cut off."""
+    def axes(self) -> dict[bool, tuple[float, float, list[tuple[float, str]], int]]:
+        """Per axis (left ``False``, right ``True``): its value range, its ticks, and the pixels
+        beside the plot for their labels, as wide as the longest one, so that a small loss's many
+        decimals are not cut off."""
         fm = self.fontMetrics()
-        return {right: max(fm.horizontalAdvance(text) for _, text in ticks(lo, hi)) + 8
-                for right, (lo, hi) in self.ranges().items()}
+        out = {}
+        for right, (lo, hi) in self.ranges().items():
+            marks = ticks(lo, hi)
+            out[right] = (lo, hi, marks, max(fm.horizontalAdvance(text) for _, text in marks) + 8)
+        return out
+
+    def axis_widths(self) -> dict[bool, int]:
+        return {right: axis[3] for right, axis in self.axes().items()}
 
     def paintEvent(self, event) -> None:  # noqa: N802 - Qt's name
         p = QPainter(self)
         p.setRenderHint(QPainter.RenderHint.Antialiasing)
         text = self.palette().windowText().color()
         fm = p.fontMetrics()
-        ranges = self.ranges()
-        labels = {right: ticks(lo, hi) for right, (lo, hi) in ranges.items()}
-        width = self.axis_widths()
+        axes, series = self.axes(), self.series
+        width = {right: axis[3] for right, axis in axes.items()}
         # Two legend entries a row where they fit in half the width each, else one a row.
         inner = self.width() - width[False] - width[True]
-        halves = all(fm.horizontalAdvance(name) + 22 <= inner / 2 for _, name, _, _ in self.series)
-        rows = math.ceil(len(self.series) / 2) if halves else len(self.series)
+        halves = all(fm.horizontalAdvance(name) + 22 <= inner / 2 for _, name, _, _ in series)
+        rows = math.ceil(len(series) / 2) if halves else len(series)
         plot = QRectF(self.rect()).adjusted(width[False], 8 + rows * fm.height(), -width[True], -fm.height() - 8)
         p.setPen(QPen(text, 1))
         p.drawRect(plot)
@@ -121,18 +127,18 @@ class LossPlot(QWidget):
         x_of = (lambda e: plot.left() + plot.width() * (e - 1) / (n - 1)) if n > 1 else (lambda e: plot.center().x())
         p.drawText(QRectF(plot.left(), plot.bottom() + 2, plot.width(), fm.height()),
                    Qt.AlignmentFlag.AlignCenter, f"epoch (of {n})")
-        for right, (lo, hi) in ranges.items():
+        for right, (lo, hi, marks, _) in axes.items():
             x = plot.right() + 4 if right else 0
             edge = plot.right() if right else plot.left()
             align = Qt.AlignmentFlag.AlignLeft if right else Qt.AlignmentFlag.AlignRight
-            for value, label in labels[right]:
+            for value, label in marks:
                 y = plot.bottom() - plot.height() * (value - lo) / (hi - lo)
                 p.drawLine(QPointF(edge - 3, y), QPointF(edge + 3, y))
                 p.drawText(QRectF(x, y - fm.height() / 2, width[right] - 4, fm.height()),
                            align | Qt.AlignmentFlag.AlignVCenter, label)
         legend_x = plot.left()
-        for i, (key, name, colour, right) in enumerate(self.series):
-            lo, hi = ranges[right]
+        for i, (key, name, colour, right) in enumerate(series):
+            lo, hi = axes[right][:2]
             pen = QPen(QColor(colour), 2)
             p.setPen(pen)
             row, column = (i // 2, i % 2) if halves else (i, 0)
