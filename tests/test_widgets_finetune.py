@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -330,7 +331,17 @@ def test_the_widget_and_the_command_line_start_from_the_same_recipe(make_napari_
     assert widget.estimate.value.endswith("lower 'Patch sizes' to at most 40 x 24.")
 
 
-def test_starting_while_the_estimate_runs_leaves_no_stale_estimate(make_napari_viewer, qtbot, tiny_model, notes):
+def test_starting_while_the_estimate_runs_leaves_no_stale_estimate(
+    make_napari_viewer, qtbot, tiny_model, notes, monkeypatch
+):
+    release = threading.Event()  # holds the estimate in flight until Start has been pressed
+    timed = finetune_widget.estimate_time
+
+    def slow_estimate(*args, **kwargs):
+        release.wait(30)
+        return timed(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_widget, "estimate_time", slow_estimate)
     viewer = make_napari_viewer()
     _pair(viewer, (4, 32, 32))
     widget = dock(viewer, "Fine-tune")
@@ -339,6 +350,7 @@ def test_starting_while_the_estimate_runs_leaves_no_stale_estimate(make_napari_v
     assert widget.estimate.value == "Estimating..."
     click(qtbot, widget.start_button)
     assert widget.estimate.value == ""
+    release.set()
     wait_idle(qtbot, widget)
     qtbot.waitUntil(lambda: widget.estimating is None, timeout=30_000)
     assert widget.estimate.value == "" and not errors(notes)
