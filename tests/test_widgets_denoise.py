@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -115,6 +116,7 @@ def test_cancel_stops_within_one_batch_and_adds_nothing(make_napari_viewer, qtbo
         def report(done, total):
             calls.append(stop.is_set())
             progress(done, total)
+            time.sleep(0.02)  # a batch as slow as a real model's, so Cancel comes mid-run
         return napari_cnnt.denoise(*args, progress=report, stop=stop, **kwargs)
 
     monkeypatch.setattr(denoise_widget, "denoise", recording_denoise)
@@ -136,7 +138,14 @@ def test_cancel_stops_within_one_batch_and_adds_nothing(make_napari_viewer, qtbo
     assert not progress._all_instances
 
 
-def test_closing_the_widget_cancels_its_run(make_napari_viewer, qtbot, tiny_model):
+def test_closing_the_widget_cancels_its_run(make_napari_viewer, qtbot, tiny_model, monkeypatch):
+    def slow_denoise(*args, progress, **kwargs):
+        def report(done, total):
+            progress(done, total)
+            time.sleep(0.02)  # a batch as slow as a real model's, so closing comes mid-run
+        return napari_cnnt.denoise(*args, progress=report, **kwargs)
+
+    monkeypatch.setattr(denoise_widget, "denoise", slow_denoise)
     viewer, _, widget = _ready(make_napari_viewer, tiny_model, stack((8, 64, 64)), name="long")
     widget.auto_tiles.value = False
     widget.tile.values, widget.overlap.values = (4, 16, 16), (1, 4, 4)
