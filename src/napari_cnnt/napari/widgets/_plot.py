@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from qtpy.QtCore import QPointF, QRectF, Qt
 from qtpy.QtGui import QColor, QPainter, QPen
@@ -28,6 +29,16 @@ NO_TRUTH_SERIES = {  # by the self-supervised score that was measured
     key: (("train_loss", "train loss", "#4e9ff5", False), (key, f"validation {name}", "#5fd35f", True))
     for key, name in ((k, METRIC_NAMES[k]) for k in SELF_SUPERVISED_SCORES)
 }
+
+
+class Axis(NamedTuple):
+    """One vertical axis: its value range, its ticks ``(value, label)``, and the pixels beside
+    the plot that its labels take."""
+
+    lo: float
+    hi: float
+    ticks: list[tuple[float, str]]
+    width: int
 
 
 def _finite(records: Sequence[dict[str, float]], key: str) -> list[float]:
@@ -95,19 +106,18 @@ class LossPlot(QWidget):
         return {side: _range([v for k, _, _, right in series if right == side for v in _finite(self.records, k)])
                 for side in (False, True)}
 
-    def axes(self) -> dict[bool, tuple[float, float, list[tuple[float, str]], int]]:
-        """Per axis (left ``False``, right ``True``): its value range, its ticks, and the pixels
-        beside the plot for their labels, as wide as the longest one, so that a small loss's many
-        decimals are not cut off."""
+    def axes(self) -> dict[bool, Axis]:
+        """Per axis (left ``False``, right ``True``), with room for its longest label, so that a
+        small loss's many decimals are not cut off."""
         fm = self.fontMetrics()
         out = {}
         for right, (lo, hi) in self.ranges().items():
             marks = ticks(lo, hi)
-            out[right] = (lo, hi, marks, max(fm.horizontalAdvance(text) for _, text in marks) + 8)
+            out[right] = Axis(lo, hi, marks, max(fm.horizontalAdvance(text) for _, text in marks) + 8)
         return out
 
     def axis_widths(self) -> dict[bool, int]:
-        return {right: axis[3] for right, axis in self.axes().items()}
+        return {right: axis.width for right, axis in self.axes().items()}
 
     def paintEvent(self, event) -> None:  # noqa: N802 - Qt's name
         p = QPainter(self)
@@ -115,30 +125,30 @@ class LossPlot(QWidget):
         text = self.palette().windowText().color()
         fm = p.fontMetrics()
         axes, series = self.axes(), self.series
-        width = {right: axis[3] for right, axis in axes.items()}
+        left_width, right_width = axes[False].width, axes[True].width
         # Two legend entries a row where they fit in half the width each, else one a row.
-        inner = self.width() - width[False] - width[True]
+        inner = self.width() - left_width - right_width
         halves = all(fm.horizontalAdvance(name) + 22 <= inner / 2 for _, name, _, _ in series)
         rows = math.ceil(len(series) / 2) if halves else len(series)
-        plot = QRectF(self.rect()).adjusted(width[False], 8 + rows * fm.height(), -width[True], -fm.height() - 8)
+        plot = QRectF(self.rect()).adjusted(left_width, 8 + rows * fm.height(), -right_width, -fm.height() - 8)
         p.setPen(QPen(text, 1))
         p.drawRect(plot)
         n = max(self.epochs, len(self.records), 1)
         x_of = (lambda e: plot.left() + plot.width() * (e - 1) / (n - 1)) if n > 1 else (lambda e: plot.center().x())
         p.drawText(QRectF(plot.left(), plot.bottom() + 2, plot.width(), fm.height()),
                    Qt.AlignmentFlag.AlignCenter, f"epoch (of {n})")
-        for right, (lo, hi, marks, _) in axes.items():
+        for right, (lo, hi, marks, width) in axes.items():
             x = plot.right() + 4 if right else 0
             edge = plot.right() if right else plot.left()
             align = Qt.AlignmentFlag.AlignLeft if right else Qt.AlignmentFlag.AlignRight
             for value, label in marks:
                 y = plot.bottom() - plot.height() * (value - lo) / (hi - lo)
                 p.drawLine(QPointF(edge - 3, y), QPointF(edge + 3, y))
-                p.drawText(QRectF(x, y - fm.height() / 2, width[right] - 4, fm.height()),
+                p.drawText(QRectF(x, y - fm.height() / 2, width - 4, fm.height()),
                            align | Qt.AlignmentFlag.AlignVCenter, label)
         legend_x = plot.left()
         for i, (key, name, colour, right) in enumerate(series):
-            lo, hi = axes[right][:2]
+            lo, hi = axes[right].lo, axes[right].hi
             pen = QPen(QColor(colour), 2)
             p.setPen(pen)
             row, column = (i // 2, i % 2) if halves else (i, 0)
