@@ -109,17 +109,24 @@ def test_choosers_follow_the_layer_list_and_the_session_models(make_napari_viewe
     assert widget.model.combo.choices[-1] is entry  # offered at once
 
 
-def test_cancel_stops_within_one_batch_and_adds_nothing(make_napari_viewer, qtbot, tiny_model, notes, monkeypatch):
+def _paced_denoise(monkeypatch) -> list[bool]:
+    """The widget's denoise with batches as slow as a real model's (a tiny one could finish
+    before a click lands); returns, per batch, whether stop had been asked for."""
     calls = []
 
-    def recording_denoise(*args, progress, stop, **kwargs):
+    def paced(*args, progress, stop, **kwargs):
         def report(done, total):
             calls.append(stop.is_set())
             progress(done, total)
-            time.sleep(0.02)  # a batch as slow as a real model's, so Cancel comes mid-run
+            time.sleep(0.02)
         return napari_cnnt.denoise(*args, progress=report, stop=stop, **kwargs)
 
-    monkeypatch.setattr(denoise_widget, "denoise", recording_denoise)
+    monkeypatch.setattr(denoise_widget, "denoise", paced)
+    return calls
+
+
+def test_cancel_stops_within_one_batch_and_adds_nothing(make_napari_viewer, qtbot, tiny_model, notes, monkeypatch):
+    calls = _paced_denoise(monkeypatch)
     viewer, _, widget = _ready(make_napari_viewer, tiny_model, stack((8, 64, 64)), name="long")
     widget.auto_tiles.value = False
     widget.tile.values, widget.overlap.values = (4, 16, 16), (1, 4, 4)
@@ -139,13 +146,7 @@ def test_cancel_stops_within_one_batch_and_adds_nothing(make_napari_viewer, qtbo
 
 
 def test_closing_the_widget_cancels_its_run(make_napari_viewer, qtbot, tiny_model, monkeypatch):
-    def slow_denoise(*args, progress, **kwargs):
-        def report(done, total):
-            progress(done, total)
-            time.sleep(0.02)  # a batch as slow as a real model's, so closing comes mid-run
-        return napari_cnnt.denoise(*args, progress=report, **kwargs)
-
-    monkeypatch.setattr(denoise_widget, "denoise", slow_denoise)
+    _paced_denoise(monkeypatch)
     viewer, _, widget = _ready(make_napari_viewer, tiny_model, stack((8, 64, 64)), name="long")
     widget.auto_tiles.value = False
     widget.tile.values, widget.overlap.values = (4, 16, 16), (1, 4, 4)
